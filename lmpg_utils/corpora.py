@@ -1,0 +1,415 @@
+"""Real corpora, read at run time from the Debian packages that install them.
+
+Two corpora back the book:
+
+* **German-English sentence pairs** from the Ding dictionary (Debian ``trans-de-en``,
+  GPL-2+, file ``/usr/share/trans/de-en``). The dictionary is not redistributed here:
+  it is parsed where the package installed it.
+* **Ordered modern English** from the World English Bible (Debian ``sword-text-web``,
+  public domain), read with PyPI's ``pysword``. Verses keep their book, chapter and
+  verse ids, in canonical order, so consecutive verses are true next sentences.
+
+Parsed corpora are cached as JSON in a user cache directory (``LMPG_CACHE_DIR``, else
+``$XDG_CACHE_HOME/lmpg``, else ``~/.cache/lmpg``), keyed by a checksum of the source
+files and the parser version, so a changed source is parsed again.
+
+Splits (``train``/``valid``/``test``) are assigned by a SHA-256 hash of a stable key,
+never Python's salted ``hash``, so they are identical on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+DING_PATH = Path("/usr/share/trans/de-en")
+SWORD_ROOT = Path("/usr/share/sword")
+WEB_MODULE = "engWEB2015eb"
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+SPLIT_FRACTIONS: tuple[float, float, float] = (0.90, 0.05, 0.05)
+PARSER_VERSION = "1"
+
+DEBIAN_PACKAGES = {"ding": "trans-de-en", "web": "sword-text-web"}
+
+
+class DataMissingError(FileNotFoundError):
+    """A corpus is not installed; the message carries the exact command that installs it."""
+
+
+class CorpusFormatError(ValueError):
+    """A corpus file exists but cannot be used (empty, or nothing parseable in it)."""
+
+
+def install_command(*packages: str) -> str:
+    """The shell command that installs the given Debian packages."""
+    names = " ".join(packages or DEBIAN_PACKAGES.values())
+    return f"sudo apt-get update && sudo apt-get install -y {names}"
+
+
+def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
+    """Make sure both corpora are installed.
+
+    When a package is missing and we are root on a Debian/Ubuntu system (CI, Colab),
+    install it with apt-get. Otherwise raise :class:`DataMissingError` naming the exact
+    command to run. Returns which packages were installed by this call.
+    """
+    missing = []
+    if not DING_PATH.is_file():
+        missing.append(DEBIAN_PACKAGES["ding"])
+    if not (SWORD_ROOT / "mods.d" / f"{WEB_MODULE}.conf").is_file():
+        missing.append(DEBIAN_PACKAGES["web"])
+    installed = {name: False for name in DEBIAN_PACKAGES.values()}
+    if not missing:
+        return installed
+    can_install = auto_install and shutil.which("apt-get") is not None and os.geteuid() == 0
+    if not can_install:
+        raise DataMissingError(
+            f"missing Debian package(s) {', '.join(missing)}; install with:\n  {install_command(*missing)}"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    for name in missing:
+        installed[name] = True
+    return installed
+
+
+# ---------------------------------------------------------------------------------
+# Splits and cache
+
+
+def split_of(key: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
+    """Assign ``key`` to ``train``, ``valid`` or ``test`` by a stable SHA-256 hash."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    if position < fractions[0]:
+        return "train"
+    if position < fractions[0] + fractions[1]:
+        return "valid"
+    return "test"
+
+
+def check_split(name: str) -> str:
+    """Return ``name`` if it is a valid split name, else raise ``ValueError``."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; valid splits are: {', '.join(SPLITS)}")
+    return name
+
+
+def cache_dir() -> Path:
+    """The directory where parsed corpora are cached (created if needed)."""
+    root = os.environ.get("LMPG_CACHE_DIR")
+    if root:
+        path = Path(root)
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmpg"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checksum(paths: Iterable[Path]) -> str:
+    """SHA-256 over the bytes of ``paths`` (sorted), as hex."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached(name: str, source_sum: str, build):
+    path = cache_dir() / f"{name}-{PARSER_VERSION}-{source_sum[:16]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            path.unlink()  # a torn write: rebuild below
+    data = build()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return data
+
+
+# ---------------------------------------------------------------------------------
+# Ding: German-English sentence pairs
+
+
+@dataclass(frozen=True)
+class TranslationPair:
+    """One German sentence and its English translation, with the dictionary line it came from."""
+
+    de: str
+    en: str
+    line: int
+
+    @property
+    def split(self) -> str:
+        """The split this pair belongs to (keyed by the German side, so a source never leaks)."""
+        return split_of("de:" + self.de)
+
+
+@dataclass
+class ParseReport:
+    """What a parser kept and what it skipped, with reasons, so nothing is dropped silently."""
+
+    source: str
+    lines: int = 0
+    entries: int = 0
+    malformed: int = 0
+    unaligned: int = 0
+    sub_entries: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    first_malformed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: {self.lines} lines, {self.entries} entries, {self.sub_entries} aligned sub-entries; "
+            f"kept {self.kept} sentence pairs; skipped {self.malformed} malformed lines, "
+            f"{self.unaligned} entries whose sides do not align, {self.duplicates} duplicates"
+        )
+
+
+_ANNOTATION = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|\([^()]*\)|<[^<>]*>")
+_SPACE = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
+
+
+def clean_ding_text(text: str) -> str:
+    """First ``;`` alternative of a Ding sub-entry with annotations removed.
+
+    Annotations are ``{m}``-style grammar tags, ``[coll.]``-style usage or domain
+    labels, ``(...)`` explanations and ``<...>`` spelling variants; they are removed
+    repeatedly so nested brackets go too.
+    """
+    first = text.split(";")[0]
+    previous = None
+    while previous != first:
+        previous, first = first, _ANNOTATION.sub(" ", first)
+    first = _SPACE.sub(" ", first).strip()
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", first)
+
+
+def is_sentence(text: str, min_words: int = 3) -> bool:
+    """A sentence starts with a capital letter, ends in . ? or ! and has ``min_words`` words."""
+    return (
+        len(text) > 1
+        and text[0].isupper()
+        and text[-1] in ".?!"
+        and len(text.split()) >= min_words
+    )
+
+
+def parse_ding(path: Path | str = DING_PATH, min_words: int = 3) -> tuple[list[TranslationPair], ParseReport]:
+    """Parse the Ding dictionary into unique German-English sentence pairs.
+
+    Rules, in order:
+
+    1. Lines starting with ``#`` and blank lines are skipped (header and comments).
+    2. A line is ``German side :: English side``; a line without exactly one ``::``
+       is malformed (counted, the first few kept in the report).
+    3. Each side holds sub-entries separated by `` | ``, aligned by position. When the
+       counts differ the entry cannot be aligned and is skipped (counted).
+    4. From each sub-entry take the first ``;`` alternative and strip annotations
+       (see :func:`clean_ding_text`).
+    5. Keep the pair when both sides are sentences (:func:`is_sentence`).
+    6. Keep the first occurrence of each (German, English) pair.
+
+    Raises :class:`DataMissingError` when the file is missing and
+    :class:`CorpusFormatError` when it is empty or yields no pair.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(
+            f"Ding dictionary not found at {path}; install with:\n  {install_command(DEBIAN_PACKAGES['ding'])}"
+        )
+    report = ParseReport(source=str(path))
+    pairs: list[TranslationPair] = []
+    seen: set[tuple[str, str]] = set()
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            report.lines += 1
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            sides = line.split(" :: ")
+            if len(sides) != 2:
+                report.malformed += 1
+                if len(report.first_malformed) < 5:
+                    report.first_malformed.append(f"{path}:{number}: {line[:80]}")
+                continue
+            report.entries += 1
+            german, english = (side.split(" | ") for side in sides)
+            if len(german) != len(english):
+                report.unaligned += 1
+                continue
+            for de_raw, en_raw in zip(german, english):
+                report.sub_entries += 1
+                de, en = clean_ding_text(de_raw), clean_ding_text(en_raw)
+                if not (is_sentence(de, min_words) and is_sentence(en, min_words)):
+                    continue
+                if (de, en) in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add((de, en))
+                pairs.append(TranslationPair(de, en, number))
+    if report.lines == 0:
+        raise CorpusFormatError(f"{path} is empty")
+    if not pairs:
+        raise CorpusFormatError(f"{path}: no sentence pairs found in {report.lines} lines ({report.summary()})")
+    report.kept = len(pairs)
+    return pairs, report
+
+
+def load_translation_pairs(
+    split: str | None = None, path: Path | str = DING_PATH, max_words: int | None = None
+) -> list[TranslationPair]:
+    """German-English sentence pairs (cached), optionally one split and at most ``max_words`` a side."""
+    if split is not None:
+        check_split(split)
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(
+            f"Ding dictionary not found at {path}; install with:\n  {install_command(DEBIAN_PACKAGES['ding'])}"
+        )
+
+    def build():
+        pairs, report = parse_ding(path)
+        return {"pairs": [asdict(p) for p in pairs], "report": asdict(report)}
+
+    data = _cached("ding", checksum([path]), build)
+    pairs = [TranslationPair(**p) for p in data["pairs"]]
+    if max_words is not None:
+        pairs = [p for p in pairs if len(p.de.split()) <= max_words and len(p.en.split()) <= max_words]
+    if split is not None:
+        pairs = [p for p in pairs if p.split == split]
+    return pairs
+
+
+# ---------------------------------------------------------------------------------
+# World English Bible: ordered verses
+
+
+@dataclass(frozen=True)
+class Verse:
+    """One verse with its canonical position. ``index`` is its rank in canonical order."""
+
+    book: str
+    chapter: int
+    verse: int
+    text: str
+    index: int
+
+    @property
+    def split(self) -> str:
+        """Split by chapter, so the verses of one chapter (and its NSP pairs) stay together."""
+        return split_of(f"web:{self.book}:{self.chapter}")
+
+
+_NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.DOTALL)
+_TITLE = re.compile(r"<title\b[^>]*>.*?</title>", re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+
+
+def clean_osis(markup: str) -> str:
+    """Plain text from a verse's OSIS markup without gluing words together.
+
+    Drops ``<note>`` and ``<title>`` elements with their content, replaces every
+    other tag by a space, then normalises spaces, including those before punctuation.
+    """
+    text = _TITLE.sub(" ", _NOTE.sub(" ", markup))
+    text = _TAG.sub(" ", text)
+    text = text.replace("\u00b6", " ")  # pilcrow paragraph marks
+    text = _SPACE.sub(" ", text).strip()
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return re.sub(r"([\u201c\u2018(])\s+", r"\1", text)
+
+
+def _web_paths(sword_root: Path) -> tuple[Path, Path]:
+    conf = sword_root / "mods.d" / f"{WEB_MODULE}.conf"
+    data = sword_root / "modules" / "texts" / "ztext" / WEB_MODULE
+    if conf.is_file():  # the conf names the data directory; prefer it
+        for line in conf.read_text(encoding="utf-8").splitlines():
+            if line.startswith("DataPath="):
+                data = (sword_root / line.split("=", 1)[1].strip()).resolve()
+    if not conf.is_file() or not data.is_dir():
+        raise DataMissingError(
+            f"World English Bible (SWORD module {WEB_MODULE}) not found under {sword_root}; install with:\n  "
+            f"{install_command(DEBIAN_PACKAGES['web'])}"
+        )
+    return conf, data
+
+
+def read_bible_verses(sword_root: Path | str = SWORD_ROOT) -> list[Verse]:
+    """Read every non-empty verse of the WEB in canonical order with ``pysword`` (slow; cached by the loader)."""
+    from pysword.bible import SwordBible  # imported lazily: only needed when the cache is cold
+
+    conf, data = _web_paths(Path(sword_root))
+    versification = "default"
+    for line in conf.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Versification="):
+            versification = line.split("=", 1)[1].strip().lower()
+    bible = SwordBible(str(data) + "/", "ztext", versification, "utf-8", "OSIS")
+    verses: list[Verse] = []
+    for testament in bible.get_structure().get_books().values():
+        for book in testament:
+            for chapter, length in enumerate(book.chapter_lengths, start=1):
+                for number in range(1, length + 1):
+                    markup = bible.get(books=[book.name], chapters=[chapter], verses=[number], clean=False)
+                    text = clean_osis(markup)
+                    if text:
+                        verses.append(Verse(book.name, chapter, number, text, len(verses)))
+    if not verses:
+        raise CorpusFormatError(f"no verses could be read from {data}")
+    return verses
+
+
+def load_bible_verses(split: str | None = None, sword_root: Path | str = SWORD_ROOT) -> list[Verse]:
+    """WEB verses in canonical order (cached), optionally one split."""
+    if split is not None:
+        check_split(split)
+    conf, data = _web_paths(Path(sword_root))
+    files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
+    rows = _cached("web", checksum(files), lambda: [asdict(v) for v in read_bible_verses(sword_root)])
+    verses = [Verse(**row) for row in rows]
+    if split is not None:
+        verses = [v for v in verses if v.split == split]
+    return verses
+
+
+# ---------------------------------------------------------------------------------
+# Report for `python -m lmpg_utils data`
+
+
+def data_report(stream=sys.stdout) -> int:
+    """Print path, per-split counts and checksum of each corpus; return 1 if one is missing."""
+    status = 0
+    try:
+        pairs = load_translation_pairs()
+        counts = {s: sum(p.split == s for p in pairs) for s in SPLITS}
+        print(f"ding: {DING_PATH} sha256={checksum([DING_PATH])[:16]} pairs={len(pairs)} {counts}", file=stream)
+    except DataMissingError as error:
+        print(f"ding: MISSING. {error}", file=stream)
+        status = 1
+    try:
+        verses = load_bible_verses()
+        conf, data = _web_paths(SWORD_ROOT)
+        counts = {s: sum(v.split == s for v in verses) for s in SPLITS}
+        files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
+        print(f"web: {data} sha256={checksum(files)[:16]} verses={len(verses)} {counts}", file=stream)
+    except DataMissingError as error:
+        print(f"web: MISSING. {error}", file=stream)
+        status = 1
+    return status

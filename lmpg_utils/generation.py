@@ -1,0 +1,141 @@
+"""Batched decoding with a key/value cache: greedy, temperature and top-k sampling.
+
+Chapter 2 samples text from the GPT with :func:`generate`; chapter 4 samples
+translations with :func:`translate`, and scores them with
+:func:`sequence_log_probs`, which recomputes log-probabilities with gradients in one
+teacher-forced pass (cheaper than keeping the sampling graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .transformer import GPT, EncoderDecoder
+
+
+def pick_next(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Choose next tokens from ``logits`` (B, V): greedy when ``temperature == 0``, else sample."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue each row of ``prompt`` (B, L) by ``max_new_tokens`` tokens; returns (B, L + new).
+
+    With ``use_cache`` each step feeds only the newest token and reuses cached keys
+    and values; without it each step re-runs the whole prefix (the slow reference).
+    """
+    if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be a non-empty (batch, length) tensor, got shape {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt.shape[1] + max_new_tokens > model.config.max_len:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + {max_new_tokens} new tokens exceeds max_len {model.config.max_len}"
+        )
+    was_training = model.training
+    model.eval()
+    tokens = prompt
+    cache = model.new_cache() if use_cache else None
+    step_input = prompt
+    for _ in range(max_new_tokens):
+        logits = model(step_input, cache=cache) if use_cache else model(tokens)
+        next_token = pick_next(logits[:, -1], temperature, top_k, generator)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        step_input = next_token[:, None]
+    model.train(was_training)
+    return tokens
+
+
+@torch.no_grad()
+def translate(
+    model: EncoderDecoder,
+    src: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Decode a batch of sources (B, S) into targets (B, T) starting with BOS.
+
+    Greedy when ``temperature == 0``, else sampled. After a row emits EOS it is
+    padded with ``pad_id``; decoding stops when every row has ended or after
+    ``max_len`` tokens. Rows that never emit EOS end at ``max_len`` unterminated.
+    """
+    if src.dim() != 2 or src.shape[0] == 0 or src.shape[1] == 0:
+        raise ValueError(f"src must be a non-empty (batch, length) tensor, got shape {tuple(src.shape)}")
+    empty = (src != pad_id).sum(dim=1) == 0
+    if bool(empty.any()):
+        raise ValueError(f"source rows {empty.nonzero().flatten().tolist()} are empty (all padding)")
+    was_training = model.training
+    model.eval()
+    src_padding_mask = src == pad_id
+    memory = model.encode(src, src_padding_mask)
+    cache = model.new_cache()
+    batch = src.shape[0]
+    tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    step_input = tokens
+    for _ in range(max_len):
+        logits = model.decode(step_input, memory, src_padding_mask, cache=cache)[:, -1]
+        next_token = pick_next(logits, temperature, top_k, generator)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        finished |= next_token == eos_id
+        step_input = next_token[:, None]
+        if bool(finished.all()):
+            break
+    model.train(was_training)
+    return tokens
+
+
+def target_mask(tokens: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """Which positions of ``tokens[:, 1:]`` (after BOS) count: every token up to and including the first EOS."""
+    out = tokens[:, 1:]
+    is_eos = out == eos_id
+    before_first_eos = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+    return before_first_eos & (out != pad_id)
+
+
+def sequence_log_probs(
+    model: EncoderDecoder, src: Tensor, tokens: Tensor, eos_id: int, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """Log-probability of each target sequence under ``model``, with gradients.
+
+    ``tokens`` (B, T) start with BOS. The sum runs over exactly the sampled tokens up
+    to and including the first EOS (padding after it is excluded). Returns
+    ``(log_prob (B,), token_count (B,))``.
+    """
+    logits = model(src, tokens[:, :-1], pad_id=pad_id)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    mask = target_mask(tokens, eos_id, pad_id)
+    return (chosen * mask).sum(dim=1), mask.sum(dim=1)
