@@ -1,0 +1,159 @@
+"""Training loops, learning-rate schedules and checkpoints shared by the chapters.
+
+:func:`train` runs AdamW with linear warm-up and cosine decay, gradient clipping,
+periodic evaluation and a tqdm progress bar, for a number of steps or a wall-clock
+budget (whichever ends first). Checkpoints hold only tensors and plain data, so
+they load with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Multiplier for the learning rate: linear warm-up, then cosine decay to ``min_ratio``."""
+    if warmup_steps < 0 or total_steps <= 0:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or embeddings' 1-d params)."""
+    if lr <= 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+
+@dataclass
+class TrainHistory:
+    """What happened during training: per-step losses and periodic evaluations."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_values: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    items: int = 0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator,
+    loss_fn: Callable[[nn.Module, object], tuple[Tensor, int]],
+    max_steps: int,
+    lr: float,
+    warmup_steps: int = 100,
+    time_budget_s: float | None = None,
+    clip_norm: float = 1.0,
+    weight_decay: float = 0.01,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    eval_every: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainHistory:
+    """Train ``model`` on ``batches`` with AdamW, warm-up + cosine schedule and clipping.
+
+    ``loss_fn(model, batch)`` returns ``(mean loss, number of items)`` where items are
+    what throughput counts (tokens, sentences). Stops after ``max_steps`` or
+    ``time_budget_s`` seconds. ``eval_fn(model)`` runs every ``eval_every`` steps and
+    at the end, in eval mode; its values are recorded in the history.
+    """
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    optimizer = optimizer or make_optimizer(model, lr, weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, max_steps))
+    history = TrainHistory()
+    start = time.perf_counter()
+    eval_time = 0.0
+
+    def evaluate(step: int) -> None:
+        nonlocal eval_time
+        began = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            value = float(eval_fn(model))
+        model.train()
+        eval_time += time.perf_counter() - began
+        history.eval_steps.append(step)
+        history.eval_values.append(value)
+        history.eval_seconds.append(time.perf_counter() - start)
+
+    model.train()
+    bar = tqdm(total=max_steps, desc=description, disable=not progress, mininterval=2.0, leave=False)
+    step = 0
+    for step in range(1, max_steps + 1):
+        batch = next(batches)
+        loss, items = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        schedule.step()
+        history.steps.append(step)
+        history.losses.append(loss.item())
+        history.items += int(items)
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if eval_fn is not None and eval_every and step % eval_every == 0:
+            evaluate(step)
+        if time_budget_s is not None and time.perf_counter() - start - eval_time > time_budget_s:
+            break
+    bar.close()
+    if eval_fn is not None and (not history.eval_steps or history.eval_steps[-1] != step):
+        evaluate(step)
+    history.seconds = time.perf_counter() - start - eval_time
+    model.eval()
+    return history
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, extra: dict | None = None) -> Path:
+    """Save weights and plain-data metadata (loadable with ``weights_only=True``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "config": dict(config), "extra": dict(extra or {})}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint saved by :func:`save_checkpoint`, safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    data = torch.load(path, map_location=map_location, weights_only=True)
+    missing = {"state_dict", "config"} - set(data)
+    if missing:
+        raise ValueError(f"{path} is not an lmpg checkpoint (missing {sorted(missing)})")
+    return data
