@@ -19,8 +19,20 @@ setup: $(STAMP)
 data: setup
 	$(BIN)/python -m lmpg_utils data --install
 
-book: data
+# MathJax and mermaid, unpacked from pinned npm tarballs so the site loads nothing from a CDN.
+# The tarballs stay in build/vendor/npm (git-ignored); nothing is fetched again once the stamp exists.
+VENDOR := build/vendor
+VENDOR_STAMP := $(VENDOR)/static/.complete
+
+$(VENDOR_STAMP): scripts/fetch_vendor.py
+	$(PYTHON) scripts/fetch_vendor.py $(VENDOR)
+
+book: data $(VENDOR_STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# Opens every built page in headless Chromium: math typeset, diagrams drawn, no errors, nothing remote.
+check-pages: book
+	$(BIN)/python scripts/check_pages.py _build/html
 
 unit: data
 	$(BIN)/python -m pytest -q tests
@@ -29,6 +41,10 @@ notebooks: data
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
 
 test: unit notebooks
+
+# A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s); always exits 0.
+benchmark: data
+	$(BIN)/python benchmarks/bench_attention.py
 
 clean:
 	rm -rf _build
