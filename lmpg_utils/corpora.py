@@ -393,18 +393,19 @@ def load_bible_verses(split: str | None = None, sword_root: Path | str = SWORD_R
 # Report for `python -m lmpg_utils data`
 
 
-def data_report(stream=sys.stdout) -> int:
+def data_report(stream=None) -> int:
     """Print path, per-split counts and checksum of each corpus; return 1 if one is missing."""
+    stream = stream or sys.stdout
     status = 0
     try:
-        pairs = load_translation_pairs()
+        pairs = load_translation_pairs(path=DING_PATH)
         counts = {s: sum(p.split == s for p in pairs) for s in SPLITS}
         print(f"ding: {DING_PATH} sha256={checksum([DING_PATH])[:16]} pairs={len(pairs)} {counts}", file=stream)
     except DataMissingError as error:
         print(f"ding: MISSING. {error}", file=stream)
         status = 1
     try:
-        verses = load_bible_verses()
+        verses = load_bible_verses(sword_root=SWORD_ROOT)
         conf, data = _web_paths(SWORD_ROOT)
         counts = {s: sum(v.split == s for v in verses) for s in SPLITS}
         files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]

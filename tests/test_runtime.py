@@ -1,0 +1,61 @@
+"""Device, profile and seed selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmpg_utils import runtime
+
+
+def test_profile_defaults_by_device(monkeypatch):
+    monkeypatch.delenv("LMPG_PROFILE", raising=False)
+    assert runtime.get_profile(device=torch.device("cpu")) == "quick"
+    assert runtime.get_profile(device=torch.device("cuda")) == "full"
+
+
+def test_profile_environment_override_and_argument(monkeypatch):
+    monkeypatch.setenv("LMPG_PROFILE", "FULL ")
+    assert runtime.get_profile(device=torch.device("cpu")) == "full"
+    assert runtime.get_profile("quick") == "quick"
+
+
+def test_unknown_profile_lists_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("LMPG_PROFILE", "fast")
+    with pytest.raises(ValueError, match="unknown profile 'fast'; valid profiles are: quick, full"):
+        runtime.get_profile()
+
+
+def test_device_override_and_errors(monkeypatch):
+    monkeypatch.setenv("LMPG_DEVICE", "cpu")
+    assert runtime.get_device() == torch.device("cpu")
+    monkeypatch.setenv("LMPG_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="not a valid torch device"):
+        runtime.get_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            runtime.get_device("cuda")
+
+
+def test_seed_makes_draws_repeatable():
+    generator = runtime.set_seed(7)
+    first = (torch.rand(3), torch.rand(3, generator=generator))
+    generator = runtime.set_seed(7)
+    second = (torch.rand(3), torch.rand(3, generator=generator))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        runtime.set_seed(-1)
+
+
+def test_threads_and_describe(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert runtime.set_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="at least 1"):
+            runtime.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("LMPG_DEVICE", "cpu")
+    monkeypatch.delenv("LMPG_PROFILE", raising=False)
+    info = runtime.describe()
+    assert info["device"] == "cpu" and info["profile"] == "quick"
