@@ -1,0 +1,208 @@
+"""Unit tests for lmpg_utils.bert: masking statistics, NSP pairs, pair encoding, the model's heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lmpg_utils import bert
+from lmpg_utils.tokenization import BPETokenizer
+from lmpg_utils.transformer import TransformerConfig
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads spin and stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SPECIAL = bert.SpecialIds(pad=0, cls=5, sep=6, mask=4, vocab_size=200, specials=tuple(range(7)))
+
+
+@dataclass(frozen=True)
+class FakeVerse:
+    book: str
+    chapter: int
+    verse: int
+    text: str
+    index: int
+
+
+def _verses() -> list[FakeVerse]:
+    verses = []
+    for book in ("Alpha", "Beta", "Gamma"):
+        for chapter in (1, 2):
+            for number in range(1, 9):
+                verses.append(FakeVerse(book, chapter, number, f"{book} {chapter}:{number} says word{number}.", len(verses)))
+    return verses
+
+
+def _batch(rows: int = 400, length: int = 60, seed: int = 0) -> torch.Tensor:
+    """Random ordinary ids framed like NSP pairs, with [CLS], [SEP] and trailing padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, SPECIAL.vocab_size, (rows, length), generator=g)
+    ids[:, 0] = SPECIAL.cls
+    ids[:, length // 2] = SPECIAL.sep
+    lengths = torch.randint(length // 2 + 2, length + 1, (rows,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, n - 1] = SPECIAL.sep
+        ids[i, n:] = SPECIAL.pad
+    return ids
+
+
+def _within(measured: float, p: float, n: int, sigmas: float = 5.0) -> bool:
+    return abs(measured - p) <= sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def test_masking_proportions_match_bert():
+    ids = _batch()
+    masked = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(1))
+    stats = bert.masking_statistics(ids, masked, SPECIAL)
+    assert stats["eligible"] > 15000 and stats["special_chosen"] == 0
+    assert _within(stats["chosen_fraction"], 0.15, stats["eligible"])
+    assert _within(stats["mask_fraction"], 0.8, stats["chosen"])
+    assert _within(stats["random_fraction"], 0.1, stats["chosen"])
+    assert _within(stats["kept_fraction"], 0.1, stats["chosen"])
+    # the proportions test can fail: a 30% masking rate is far outside the band
+    wrong = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(1), mask_prob=0.3)
+    assert not _within(bert.masking_statistics(ids, wrong, SPECIAL)["chosen_fraction"], 0.15, stats["eligible"])
+
+
+def test_masking_never_touches_specials_and_labels_only_chosen():
+    ids = _batch(seed=3)
+    masked = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(2), mask_prob=0.9)
+    special = torch.isin(ids, torch.tensor(SPECIAL.specials))
+    assert torch.equal(masked.input_ids[special], ids[special])  # [CLS], [SEP], padding untouched
+    assert (masked.labels[special] == bert.IGNORE_INDEX).all()
+    chosen = masked.labels != bert.IGNORE_INDEX
+    assert torch.equal(masked.labels[chosen], ids[chosen])
+    assert torch.equal(masked.input_ids[~chosen], ids[~chosen])
+    assert (masked.input_ids[masked.action == bert.MASKED] == SPECIAL.mask).all()
+    assert torch.equal(masked.input_ids[masked.action == bert.KEPT], ids[masked.action == bert.KEPT])
+    randoms = masked.input_ids[masked.action == bert.RANDOM]
+    assert randoms.numel() > 0 and not torch.isin(randoms, torch.tensor(SPECIAL.specials)).any()
+
+
+def test_masking_is_reproducible_with_a_generator():
+    ids = _batch(rows=20)
+    one = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(7))
+    two = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(7))
+    other = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(8))
+    assert torch.equal(one.input_ids, two.input_ids) and torch.equal(one.labels, two.labels)
+    assert not torch.equal(one.labels, other.labels)
+
+
+def test_masking_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown token id"):
+        bert.mask_tokens(torch.tensor([[5, 200, 6]]), SPECIAL)
+    with pytest.raises(ValueError, match="unknown token id"):
+        bert.mask_tokens(torch.tensor([[5, -1, 6]]), SPECIAL)
+    with pytest.raises(ValueError, match="batch, length"):
+        bert.mask_tokens(torch.tensor([5, 9, 6]), SPECIAL)
+    with pytest.raises(ValueError, match="mask_prob"):
+        bert.mask_tokens(_batch(rows=2), SPECIAL, mask_prob=0.0)
+
+
+def test_nsp_pairs_half_next_and_negatives_by_kind():
+    verses = _verses()
+    by_text = {v.text: v for v in verses}
+    for kind in bert.NEGATIVE_KINDS:
+        pairs = bert.make_nsp_pairs(verses, kind, seed=0)
+        assert len(pairs) == 3 * 2 * 7  # every verse with a successor in its chapter
+        for pair in pairs:
+            a, b = by_text[pair.a], by_text[pair.b]
+            if pair.is_next:
+                assert (b.book, b.chapter, b.index) == (a.book, a.chapter, a.index + 1)
+            elif kind == "other_book":
+                assert b.book != a.book
+            elif kind == "same_chapter":
+                assert (b.book, b.chapter) == (a.book, a.chapter) and abs(b.index - a.index) >= 2
+            else:
+                assert (b.book, b.chapter) != (a.book, a.chapter)
+    many = bert.make_nsp_pairs(verses, "random", seed=1, p_next=0.5)
+    share = sum(p.is_next for p in many) / len(many)
+    assert 0.2 < share < 0.8
+    with pytest.raises(ValueError, match="negatives kind"):
+        bert.make_nsp_pairs(verses, "nearby")
+    with pytest.raises(ValueError, match="empty text"):
+        bert.make_nsp_pairs([*verses[:3], FakeVerse("Alpha", 1, 4, "  ", 3)])
+
+
+def test_encode_pairs_layout_and_segments():
+    batch = bert.encode_pairs([[10, 11, 12]], [[20, 21]], SPECIAL, max_len=16, labels=[True])
+    assert batch.ids.tolist() == [[5, 10, 11, 12, 6, 20, 21, 6]]
+    assert batch.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
+    assert batch.truncated == 0 and not batch.padding_mask.any()
+
+
+def test_too_long_pairs_are_truncated_longer_side_first_and_counted():
+    a, b = list(range(10, 30)), list(range(40, 45))
+    batch = bert.encode_pairs([a, [7, 8]], [b, [9]], SPECIAL, max_len=13, labels=[True, False])
+    assert batch.truncated == 1
+    row = batch.ids[0].tolist()
+    assert len(row) == 13 and row[0] == SPECIAL.cls and row.count(SPECIAL.sep) == 2
+    # 10 tokens fit: the longer side A is cut down to 5, B (5 tokens) is kept whole
+    assert row == [5, *range(10, 15), 6, *range(40, 45), 6]
+    assert batch.padding_mask[1].tolist() == [False] * 6 + [True] * 7
+    assert bert.truncate_pair([1, 2, 3], [4, 5, 6], 4) == ([1, 2], [4, 5], True)
+
+
+def test_encoding_rejects_empty_and_unknown():
+    with pytest.raises(ValueError, match="empty"):
+        bert.encode_pairs([[]], [[9]], SPECIAL, max_len=16)
+    with pytest.raises(ValueError, match="unknown token id 999"):
+        bert.encode_pairs([[9, 999]], [[9]], SPECIAL, max_len=16)
+    with pytest.raises(ValueError, match="unknown token id"):
+        bert.encode_single([[9, 200]], SPECIAL, max_len=16)
+
+
+def test_tokenize_texts_rejects_empty_text():
+    tokenizer = BPETokenizer.train(["in the beginning god created the heavens and the earth"] * 5, 60)
+    assert bert.tokenize_texts(tokenizer, ["the earth"])[0]
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        bert.tokenize_texts(tokenizer, ["the earth", ""])
+    special = bert.SpecialIds.from_tokenizer(tokenizer)
+    assert {special.pad, special.cls, special.sep, special.mask} <= set(special.specials)
+
+
+def _tiny_model() -> bert.BertModel:
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=200, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16,
+                               dropout=0.0, num_segments=2)
+    return bert.BertModel(config)
+
+
+def test_model_heads_shapes_and_tied_decoder():
+    model = _tiny_model()
+    batch = bert.encode_pairs([[10, 11, 12], [13]], [[20, 21], [22, 23]], SPECIAL, max_len=16, labels=[True, False])
+    mlm, nsp = model(batch.ids, batch.segment_ids, batch.padding_mask)
+    assert mlm.shape == (2, batch.ids.shape[1], 200) and nsp.shape == (2, 2)
+    with torch.no_grad():
+        model.encoder.embeddings.token.weight[42] += 1.0  # the decoder reads the same table
+        hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
+        direct = model.mlm_transform(hidden) @ model.encoder.embeddings.token.weight.T + model.mlm_bias
+    assert torch.allclose(model.mlm_logits(hidden), direct)
+    with pytest.raises(ValueError, match="num_segments=2"):
+        bert.BertModel(TransformerConfig(vocab_size=50, d_model=16, num_heads=2, num_layers=1, max_len=8))
+
+
+def test_pretraining_overfits_a_tiny_batch_and_finetuning_runs():
+    model = _tiny_model()
+    a = [[10 + i, 30 + i, 50 + i] for i in range(8)]
+    b = [[70 + i, 90 + i] for i in range(8)]
+    data = bert.encode_pairs(a, b, SPECIAL, max_len=16, labels=[i % 2 == 0 for i in range(8)])
+    history = bert.pretrain(model, data, SPECIAL, steps=150, batch_size=8, lr=3e-3, warmup_steps=5, progress=False)
+    assert sum(history.nsp_losses[-10:]) / 10 < 0.3 < history.nsp_losses[0]
+    scores = bert.evaluate_pretraining(model, data, SPECIAL)
+    assert scores["nsp_accuracy"] == 1.0 and scores["nsp_majority"] == 0.5
+    classifier = bert.BertClassifier(model, 2)
+    labelled = bert.encode_single(a, SPECIAL, max_len=16, labels=[i % 2 for i in range(8)])
+    bert.fine_tune(classifier, labelled, steps=60, batch_size=8, lr=3e-3)
+    assert bert.classifier_accuracy(classifier, labelled) == 1.0
