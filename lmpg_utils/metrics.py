@@ -1,0 +1,77 @@
+"""Translation metrics from sacrebleu: corpus scores for evaluation, sentence scores as rewards.
+
+Evaluation uses sacrebleu's standard corpus BLEU
+and chrF on detokenized text, and reports the signature so
+the numbers can be reproduced. Rewards for policy gradient are *sentence* scores:
+``BLEU(effective_order=True).sentence_score(hyp, [ref])`` (13a tokenization, exp
+smoothing, n-gram orders capped by the hypothesis length) and sentence chrF, both
+divided by 100 so that a reward lies in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from sacrebleu.metrics import BLEU, CHRF
+
+REWARDS: tuple[str, ...] = ("bleu", "chrf")
+
+
+def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if isinstance(hypotheses, str) or isinstance(references, str):
+        raise ValueError("pass lists of sentences, not a single string")
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if len(hypotheses) == 0:
+        raise ValueError("no sentences to score")
+
+
+@dataclass
+class CorpusScore:
+    """A corpus-level score with sacrebleu's reproducibility signature."""
+
+    score: float
+    signature: str
+    length_ratio: float | None = None
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusScore:
+    """Corpus BLEU (0-100) of detokenized ``hypotheses`` against one reference each."""
+    _check_pairs(hypotheses, references)
+    metric = BLEU()
+    result = metric.corpus_score(list(hypotheses), [list(references)])
+    return CorpusScore(result.score, str(metric.get_signature()), result.sys_len / max(1, result.ref_len))
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusScore:
+    """Corpus chrF (0-100) of detokenized ``hypotheses`` against one reference each."""
+    _check_pairs(hypotheses, references)
+    metric = CHRF()
+    result = metric.corpus_score(list(hypotheses), [list(references)])
+    return CorpusScore(result.score, str(metric.get_signature()))
+
+
+_SENTENCE_BLEU = BLEU(effective_order=True)
+_SENTENCE_CHRF = CHRF()
+
+
+def sentence_rewards(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
+    """Sentence-level reward in [0, 1] for each hypothesis: sentence BLEU or chrF divided by 100.
+
+    BLEU uses ``effective_order=True`` (a 3-word hypothesis is not zeroed for lacking
+    4-grams) with sacrebleu's default exponential smoothing. An empty hypothesis scores 0.
+    """
+    _check_pairs(hypotheses, references)
+    if metric not in REWARDS:
+        raise ValueError(f"unknown reward metric {metric!r}; valid: {', '.join(REWARDS)}")
+    scorer = _SENTENCE_BLEU if metric == "bleu" else _SENTENCE_CHRF
+    rewards = []
+    for hyp, ref in zip(hypotheses, references):
+        value = scorer.sentence_score(hyp, [ref]).score / 100.0 if hyp.strip() else 0.0
+        if not math.isfinite(value):
+            raise ValueError(f"sacrebleu returned a non-finite score for {hyp!r}")
+        value = min(1.0, max(0.0, value))  # sacrebleu can return 100.00000000000004
+        rewards.append(value)
+    return rewards
