@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data book test unit notebooks check-pages benchmark clean
+.PHONY: setup data book browser test unit notebooks check-pages benchmark clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,14 +31,22 @@ book: data $(VENDOR_STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
 # Opens every built page in headless Chromium: math typeset, diagrams drawn, no errors, nothing remote.
-check-pages: book
+check-pages: book browser
 	$(BIN)/python scripts/check_pages.py _build/html
+
+# Debian's Chromium for the page check: installed with apt-get when missing and we are root.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  { echo "Chromium is missing: sudo apt-get install -y chromium"; exit 1; }
 
 unit: data
 	$(BIN)/python -m pytest -q tests
 
+# Two notebooks run at once on a 2-core machine: one thread each, or OpenMP threads
+# spin against each other and training slows down many times over.
 notebooks: data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
+	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
 
 test: unit notebooks
 

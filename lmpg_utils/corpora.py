@@ -35,7 +35,7 @@ SWORD_ROOT = Path("/usr/share/sword")
 WEB_MODULE = "engWEB2015eb"
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.90, 0.05, 0.05)
-PARSER_VERSION = "1"
+PARSER_VERSION = "2"
 
 DEBIAN_PACKAGES = {"ding": "trans-de-en", "web": "sword-text-web"}
 
@@ -326,9 +326,14 @@ _TAG = re.compile(r"<[^>]+>")
 def clean_osis(markup: str) -> str:
     """Plain text from a verse's OSIS markup without gluing words together.
 
-    Drops ``<note>`` and ``<title>`` elements with their content, replaces every
-    other tag by a space, then normalises spaces, including those before punctuation.
+    Drops everything after a chapter-end marker (the module appends its glossary to
+    the last verse of Revelation after ``<chapter eID="Rev.22"/>``), drops ``<note>``
+    and ``<title>`` elements with their content, replaces every other tag by a space,
+    then normalises spaces, including those before punctuation.
     """
+    end_of_chapter = markup.find("<chapter eID=")
+    if end_of_chapter >= 0:
+        markup = markup[:end_of_chapter]
     text = _TITLE.sub(" ", _NOTE.sub(" ", markup))
     text = _TAG.sub(" ", text)
     text = text.replace("\u00b6", " ")  # pilcrow paragraph marks

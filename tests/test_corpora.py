@@ -142,6 +142,8 @@ def test_clean_osis_drops_notes_and_titles_without_gluing_words():
         '<note type="x">a note</note> God<transChange>created</transChange> the world .'
     )
     assert corpora.clean_osis(markup) == "In the beginning, God created the world."
+    back_matter = 'Amen. <chapter eID="X.1"/><title>Glossary</title> A long appendix.'
+    assert corpora.clean_osis(back_matter) == "Amen."
 
 
 def test_missing_packages_message_when_not_root(monkeypatch, tmp_path):
@@ -164,6 +166,7 @@ def test_real_bible_keeps_canonical_order_and_consecutive_verses():
     assert verses[0].book == "Genesis" and (verses[0].chapter, verses[0].verse) == (1, 1)
     assert [v.index for v in verses[:100]] == list(range(100))
     assert all("<" not in v.text and ">" not in v.text for v in verses)
+    assert max(len(v.text.split()) for v in verses) < 1000  # no appendix glued to a verse
     chapter_one = [v for v in verses if v.book == "Genesis" and v.chapter == 1]
     assert [v.verse for v in chapter_one] == list(range(1, len(chapter_one) + 1))
     assert len({v.split for v in chapter_one}) == 1  # a chapter never straddles splits
