@@ -106,6 +106,10 @@ def translate(
     step_input = tokens
     for _ in range(max_len):
         logits = model.decode(step_input, memory, src_padding_mask, cache=cache)[:, -1]
+        # Padding and BOS are never valid outputs: a sampled PAD would end the sequence
+        # silently and break the log-probability of what was actually sampled.
+        logits[:, pad_id] = float("-inf")
+        logits[:, bos_id] = float("-inf")
         next_token = pick_next(logits, temperature, top_k, generator)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -32,21 +32,21 @@ class LanguageModelConfig:
     """Sizes and budgets of chapter 1's run."""
 
     vocab_size: int = 6000
-    ngram_order: int = 3
+    ngram_orders: tuple[int, ...] = (3, 4, 5)
     d_embed: int = 128
     d_hidden: int = 256
     batch_size: int = 64
     lr: float = 5e-3
     lstm_steps: int = 500
-    cloze_steps: int = 300
+    cloze_steps: int = 200
     dropout: float = 0.1
     eval_every: int = 0
 
     def __post_init__(self) -> None:
         if self.vocab_size < 10:
             raise ValueError(f"vocab_size must be at least 10, got {self.vocab_size}")
-        if self.ngram_order < 1:
-            raise ValueError(f"ngram_order must be >= 1, got {self.ngram_order}")
+        if not self.ngram_orders or min(self.ngram_orders) < 1:
+            raise ValueError(f"ngram_orders must be a non-empty list of orders >= 1, got {self.ngram_orders}")
         for name in ("batch_size", "lstm_steps", "cloze_steps", "d_embed", "d_hidden"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -113,33 +113,49 @@ def batch_iterator(
                 yield pad_batch([frame(sentences[i], vocab) for i in batches[b]], vocab.pad_id)
 
 
+def _length_batches(sentences: list[list[int]], max_tokens: int) -> Iterator[list[int]]:
+    """Indices of sentences grouped by similar length, at most ``max_tokens`` padded positions a batch."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    batch: list[int] = []
+    for index in order:
+        width = len(sentences[index]) + 2
+        if batch and width * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
-def lstm_token_log_probs(model: LSTMLanguageModel, sentences: list[list[int]], vocab: WordVocab, batch_size: int = 256) -> list[list[float]]:
-    """Per-event log-probabilities (each word, then ``</s>``) of every sentence under the LSTM."""
+def lstm_token_log_probs(
+    model: LSTMLanguageModel, sentences: list[list[int]], vocab: WordVocab, max_tokens: int = 8192
+) -> list[list[float]]:
+    """Per-event log-probabilities (each word, then ``</s>``) of every sentence under the LSTM, in input order."""
     model.eval()
-    results: list[list[float]] = []
-    for start in range(0, len(sentences), batch_size):
-        chunk = sentences[start : start + batch_size]
-        batch = pad_batch([frame(s, vocab) for s in chunk], vocab.pad_id)
+    results: list[list[float]] = [[] for _ in sentences]
+    for indices in _length_batches(sentences, max_tokens):
+        batch = pad_batch([frame(sentences[i], vocab) for i in indices], vocab.pad_id)
         all_log_probs, _ = model(batch[:, :-1])
         log_probs = all_log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)
-        for row, sentence in enumerate(chunk):
-            results.append(log_probs[row, : len(sentence) + 1].tolist())
+        for row, i in enumerate(indices):
+            results[i] = log_probs[row, : len(sentences[i]) + 1].tolist()
     return results
 
 
 @torch.no_grad()
-def cloze_token_log_probs(model: BidirectionalLSTMCloze, sentences: list[list[int]], vocab: WordVocab, batch_size: int = 256) -> list[list[float]]:
+def cloze_token_log_probs(
+    model: BidirectionalLSTMCloze, sentences: list[list[int]], vocab: WordVocab, max_tokens: int = 8192
+) -> list[list[float]]:
     """log P(w_i | all other words) for every word of every sentence (the pseudo-log-likelihood terms)."""
     model.eval()
-    results: list[list[float]] = []
-    for start in range(0, len(sentences), batch_size):
-        chunk = sentences[start : start + batch_size]
-        batch = pad_batch([frame(s, vocab) for s in chunk], vocab.pad_id)
+    results: list[list[float]] = [[] for _ in sentences]
+    for indices in _length_batches(sentences, max_tokens):
+        batch = pad_batch([frame(sentences[i], vocab) for i in indices], vocab.pad_id)
         lengths = (batch != vocab.pad_id).sum(dim=1)
         log_probs = model(batch, lengths).gather(-1, batch[:, 1:-1, None]).squeeze(-1)
-        for row, sentence in enumerate(chunk):
-            results.append(log_probs[row, : len(sentence)].tolist())
+        for row, i in enumerate(indices):
+            results[i] = log_probs[row, : len(sentences[i])].tolist()
     return results
 
 
@@ -183,7 +199,8 @@ class LanguageModelResults:
 
 
 def _cache_path(config: LanguageModelConfig, seed: int):
-    key = json.dumps({"v": CACHE_VERSION, "config": asdict(config), "seed": seed}, sort_keys=True)
+    neural = {k: v for k, v in asdict(config).items() if k != "ngram_orders"}  # the n-grams are not cached
+    key = json.dumps({"v": CACHE_VERSION, "data": corpora.PARSER_VERSION, "config": neural, "seed": seed}, sort_keys=True)
     import hashlib
 
     return corpora.cache_dir() / f"ch1-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
@@ -192,7 +209,7 @@ def _cache_path(config: LanguageModelConfig, seed: int):
 def run_language_models(
     profile: str | None = None, seed: int = 0, config: LanguageModelConfig | None = None, use_cache: bool = True, progress: bool = True
 ) -> LanguageModelResults:
-    """Fit Kneser-Ney n-grams (order picked on validation) and train the LSTM and the cloze model.
+    """Fit Kneser-Ney n-grams (the order is picked on validation) and train the LSTM and the cloze model.
 
     The trained neural models are cached in the user cache directory, keyed by the
     configuration and seed, so chapter 2 can put them in its table without training
@@ -208,7 +225,7 @@ def run_language_models(
     began = time.perf_counter()
     by_order = {}
     models = {}
-    for order in sorted({2, config.ngram_order, config.ngram_order + 1} - {0}):
+    for order in sorted(set(config.ngram_orders)):
         models[order] = KneserNeyLM(order, len(vocab), vocab.bos_id, vocab.eos_id).fit(data.train)
         by_order[order] = models[order].perplexity(data.valid)
     best_order = min(by_order, key=by_order.get)
