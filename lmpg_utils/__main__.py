@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                 if done:
                     print(f"installed Debian package {name}")
         return corpora.data_report()
+    if args.experiment == "pg":
+        from .policy_gradient import ESTIMATORS
+
+        if args.estimator not in ESTIMATORS:
+            parser.error(f"unknown --estimator {args.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
     result = EXPERIMENTS[args.experiment](args)
     print(json.dumps(result, sort_keys=True))
     return 0
@@ -44,8 +49,33 @@ def _run_language_models(args: argparse.Namespace) -> dict:
     return run_language_models(profile=args.profile, seed=args.seed).summary()
 
 
+def _run_policy_gradient(args: argparse.Namespace) -> dict:
+    from .experiments.policy_gradient import run_policy_gradient
+    from .policy_gradient import check_estimator
+
+    check_estimator(args.estimator)
+    return run_policy_gradient(args.estimator, profile=args.profile, seed=args.seed).summary()
+
+
+def _run_gpt(args: argparse.Namespace) -> dict:
+    from .experiments.gpt import run_gpt
+
+    return run_gpt(profile=args.profile, seed=args.seed).summary()
+
+
+def _run_bert(args: argparse.Namespace) -> dict:
+    from . import runtime
+    from .experiments.bert import run_bert
+
+    runtime.set_threads()
+    return run_bert(profile=args.profile, seed=args.seed).summary()
+
+
 EXPERIMENTS = {
     "lm": _run_language_models,
+    "bert": _run_bert,
+    "gpt": _run_gpt,
+    "pg": _run_policy_gradient,
 }
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def _check_mask(mask: Tensor, query: Tensor, scores_shape: torch.Size, name: str
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"{name} must be bool (True = attend) or floating point, got dtype {mask.dtype}")
     try:
-        torch.broadcast_shapes(mask.shape, scores_shape)
+        if torch.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
+            raise RuntimeError
     except RuntimeError:
         raise ValueError(
             f"{name} of shape {tuple(mask.shape)} does not broadcast to the scores' shape {tuple(scores_shape)}"
@@ -58,6 +59,12 @@ def scaled_dot_product_attention(
         raise ValueError(f"query dim {query.shape[-1]} != key dim {key.shape[-1]} (shapes {tuple(query.shape)}, {tuple(key.shape)})")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key length {key.shape[-2]} != value length {value.shape[-2]} (shapes {tuple(key.shape)}, {tuple(value.shape)})")
+    try:
+        torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} do not match"
+        ) from None
     if query.shape[-2] == 0 or key.shape[-2] == 0 or query.numel() == 0:
         raise ValueError(f"empty input: query {tuple(query.shape)}, key {tuple(key.shape)}")
     d_k = query.shape[-1]
@@ -188,6 +195,14 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise ValueError(f"attn_mask must be bool (True = attend), got dtype {attn_mask.dtype}")
+            scores_shape = (q.shape[0], self.num_heads, length_q, length_k)
+            try:
+                if torch.broadcast_shapes(attn_mask.shape, scores_shape) != scores_shape:
+                    raise RuntimeError
+            except RuntimeError:
+                raise ValueError(
+                    f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query_length, key_length) = {scores_shape}"
+                ) from None
             mask = attn_mask if mask is None else mask & attn_mask
         if mask is not None and is_causal:
             mask = mask & torch.ones(length_q, length_k, dtype=torch.bool, device=q.device).tril()

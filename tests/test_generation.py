@@ -1,0 +1,164 @@
+"""Sampling rules, cached vs. uncached generation, translation decoding and sequence scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmpg_utils.generation import generate, pick_next, sequence_log_probs, target_mask, translate
+from lmpg_utils.transformer import GPT, EncoderDecoder, TransformerConfig
+
+PAD, BOS, EOS = 0, 2, 3
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _gpt(**overrides) -> GPT:
+    values = dict(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=40, dropout=0.0)
+    values.update(overrides)
+    return GPT(TransformerConfig(**values)).eval()
+
+
+def test_pick_next_greedy_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    assert pick_next(logits, temperature=0).tolist() == [1, 0]
+    generator = torch.Generator().manual_seed(0)
+    # top_k=1 is greedy whatever the temperature
+    assert pick_next(logits, temperature=5.0, top_k=1, generator=generator).tolist() == [1, 0]
+    # top_k=2 never picks outside the two best
+    draws = torch.stack([pick_next(logits, 1.0, top_k=2, generator=generator) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) <= {1, 3} and set(draws[:, 0].tolist()) == {1, 3}
+    # a low temperature concentrates, a high one spreads
+    cold = torch.stack([pick_next(logits[:1], 0.2, generator=generator) for _ in range(300)])
+    hot = torch.stack([pick_next(logits[:1], 5.0, generator=generator) for _ in range(300)])
+    assert (cold == 1).float().mean() > 0.95
+    assert (hot == 1).float().mean() < 0.6
+
+
+def test_sampling_frequencies_follow_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.cat([pick_next(logits.expand(1000, 3), 1.0, generator=generator)])
+    freq = torch.bincount(draws, minlength=3).float() / 1000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.05)
+
+
+def test_pick_next_rejects_bad_settings():
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        pick_next(torch.zeros(1, 3), temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        pick_next(torch.zeros(1, 3), top_k=0)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.8, 5)])
+def test_cached_generation_equals_uncached(temperature, top_k):
+    model = _gpt()
+    prompt = torch.randint(4, 40, (3, 4))
+    fast = generate(model, prompt, 12, temperature, top_k, use_cache=True, generator=torch.Generator().manual_seed(7))
+    slow = generate(model, prompt, 12, temperature, top_k, use_cache=False, generator=torch.Generator().manual_seed(7))
+    assert fast.shape == (3, 16)
+    assert torch.equal(fast[:, :4], prompt)
+    assert torch.equal(fast, slow)
+
+
+def test_greedy_generation_follows_argmax():
+    model = _gpt(positional="sinusoidal")
+    prompt = torch.randint(4, 40, (2, 3))
+    tokens = generate(model, prompt, 5, temperature=0)
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+    assert torch.equal(logits[:, 2:].argmax(-1), tokens[:, 3:])
+
+
+def test_generate_keeps_training_mode_and_rejects_bad_input():
+    model = _gpt()
+    model.train()
+    generate(model, torch.full((1, 1), BOS), 2)
+    assert model.training
+    with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor, got shape \(0, 3\)"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="exceeds max_len 40"):
+        generate(model, torch.full((1, 30), BOS), 11)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, torch.full((1, 3), BOS), -1)
+
+
+def _seq2seq() -> EncoderDecoder:
+    config = TransformerConfig(vocab_size=30, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=30, dropout=0.0)
+    return EncoderDecoder(config).eval()
+
+
+def test_translate_pads_after_eos_and_scores_consistently():
+    model = _seq2seq()
+    with torch.no_grad():  # make EOS likely so rows end at different times
+        model.head.weight[EOS] += 0.15
+    src = torch.randint(4, 30, (6, 5))
+    src[2, 3:] = PAD
+    generator = torch.Generator().manual_seed(3)
+    tokens = translate(model, src, BOS, EOS, PAD, max_len=12, temperature=1.0, generator=generator)
+    assert tokens.shape[0] == 6 and tokens.shape[1] <= 13
+    assert torch.all(tokens[:, 0] == BOS)
+    mask = target_mask(tokens, EOS, PAD)
+    for row, keep in zip(tokens[:, 1:], mask):
+        ended = (row == EOS).nonzero()
+        if len(ended):
+            first = int(ended[0])
+            assert keep[: first + 1].all() and not keep[first + 1 :].any()
+            assert torch.all(row[first + 1 :] == PAD)
+    logp, counts = sequence_log_probs(model, src, tokens, EOS, PAD)
+    assert torch.equal(counts, mask.sum(1))
+    # the same numbers by hand, one row at a time. (An untrained model may sample PAD mid-sentence;
+    # such a token is excluded by target_mask, so only rows without one are compared.)
+    clean = [b for b in range(6) if not (tokens[b, 1 : int(counts[b]) + 1] == PAD).any()]
+    assert len(clean) >= 3
+    for b in clean:
+        n = int(counts[b])
+        with torch.no_grad():
+            logits = model(src[b : b + 1], tokens[b : b + 1, :n])
+        manual = F.log_softmax(logits[0], -1).gather(-1, tokens[b, 1 : n + 1, None]).sum()
+        assert torch.allclose(logp[b], manual, atol=1e-4)
+    assert logp.requires_grad
+
+
+def test_greedy_translation_is_deterministic_and_rejects_empty_sources():
+    model = _seq2seq()
+    src = torch.randint(4, 30, (2, 5))
+    a = translate(model, src, BOS, EOS, PAD, max_len=8)
+    assert torch.equal(a, translate(model, src, BOS, EOS, PAD, max_len=8))
+    bad = src.clone()
+    bad[1] = PAD
+    with pytest.raises(ValueError, match=r"source rows \[1\] are empty"):
+        translate(model, bad, BOS, EOS, PAD, max_len=8)
+    with pytest.raises(ValueError, match="non-empty"):
+        translate(model, src[:0], BOS, EOS, PAD, max_len=8)
+
+
+def test_target_mask_by_hand():
+    tokens = torch.tensor([[BOS, 5, 6, EOS, PAD], [BOS, 7, EOS, 8, EOS], [BOS, 5, 6, 7, 8]])
+    assert target_mask(tokens, EOS, PAD).tolist() == [
+        [True, True, True, False],
+        [True, True, False, False],
+        [True, True, True, True],
+    ]
+
+
+def test_sampled_translations_never_contain_padding_or_bos_before_eos():
+    """A sampled PAD would end a row silently and its log-probability would not match the sample."""
+    from lmpg_utils.generation import target_mask, translate
+    from lmpg_utils.transformer import EncoderDecoder, TransformerConfig
+
+    torch.manual_seed(0)
+    model = EncoderDecoder(TransformerConfig(vocab_size=12, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout=0.0))
+    src = torch.randint(4, 12, (64, 5))
+    out = translate(model, src, bos_id=2, eos_id=3, pad_id=0, max_len=12, temperature=2.0,
+                    generator=torch.Generator().manual_seed(0))
+    body = out[:, 1:]
+    valid = target_mask(out, eos_id=3, pad_id=0)
+    ended = (body == 3).cumsum(1) > 0
+    assert not bool(((body == 0) & ~ended).any())  # no PAD before the EOS
+    assert not bool((body == 2).any())  # BOS is never generated
+    assert bool((valid.sum(1) > 0).all())

@@ -1,0 +1,212 @@
+"""The training loop, the learning-rate schedule, the optimizer groups and checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmpg_utils.training import load_checkpoint, make_optimizer, save_checkpoint, train, warmup_cosine
+from lmpg_utils.transformer import GPT, TransformerConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_warmup_cosine_shape():
+    factor = warmup_cosine(10, 110, min_ratio=0.1)
+    assert math.isclose(factor(0), 0.1) and math.isclose(factor(4), 0.5) and math.isclose(factor(9), 1.0)
+    assert math.isclose(factor(10), 1.0)
+    assert math.isclose(factor(60), 0.55)  # half-way through the decay
+    assert math.isclose(factor(110), 0.1) and math.isclose(factor(500), 0.1)
+    values = [factor(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="warmup_steps >= 0 and total_steps > 0"):
+        warmup_cosine(-1, 10)
+
+
+def test_make_optimizer_decays_matrices_only():
+    model = GPT(TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # the tied embedding appears once
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        make_optimizer(model, lr=0.0)
+
+
+def _copy_task():
+    """A tiny GPT learning to repeat a fixed pattern: loss must fall far below log(vocab)."""
+    config = TransformerConfig(vocab_size=12, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16, dropout=0.0)
+    model = GPT(config)
+    pattern = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11] * 2)
+    batches = itertools.repeat(pattern.expand(8, 16))
+
+    def loss_fn(m, batch):
+        logits = m(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, 12), batch[:, 1:].reshape(-1)), batch[:, 1:].numel()
+
+    return model, batches, loss_fn
+
+
+def test_train_learns_and_records_history():
+    model, batches, loss_fn = _copy_task()
+    evaluations = []
+
+    def eval_fn(m):
+        assert not m.training
+        evaluations.append(1)
+        return float(loss_fn(m, next(batches))[0])
+
+    history = train(model, batches, loss_fn, max_steps=30, lr=1e-2, warmup_steps=5, eval_fn=eval_fn, eval_every=10, progress=False)
+    assert history.steps == list(range(1, 31))
+    assert history.losses[0] > 2.0 and history.losses[-1] < 0.3
+    assert history.eval_steps == [10, 20, 30] and len(evaluations) == 3
+    assert history.eval_values[-1] < 0.3
+    assert history.items == 30 * 8 * 15 and history.items_per_second > 0
+    assert not model.training
+
+
+def test_train_clips_gradients():
+    model = nn.Linear(4, 1, bias=False)
+    seen = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(float(model.weight.grad.norm()))
+            return super().step(closure)
+
+    def loss_fn(m, batch):
+        return 1000.0 * m(batch).sum(), 1
+
+    optimizer = Spy(model.parameters(), lr=1e-6)
+    train(model, itertools.repeat(torch.ones(2, 4)), loss_fn, max_steps=3, lr=1e-6, warmup_steps=0, clip_norm=0.5, optimizer=optimizer, progress=False)
+    assert all(n <= 0.5 + 1e-6 for n in seen)
+
+
+def test_train_time_budget_stops_early_and_eval_runs_at_the_end():
+    model, batches, loss_fn = _copy_task()
+    history = train(model, batches, loss_fn, max_steps=10_000, lr=1e-3, time_budget_s=0.0, eval_fn=lambda m: 1.0, progress=False)
+    assert len(history.steps) == 1
+    assert history.eval_steps == [1]
+
+
+def test_train_rejects_bad_settings_and_non_finite_loss():
+    model, batches, loss_fn = _copy_task()
+    with pytest.raises(ValueError, match="max_steps must be positive"):
+        train(model, batches, loss_fn, max_steps=0, lr=1e-3)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+        train(model, batches, lambda m, b: (torch.tensor(float("nan"), requires_grad=True), 1), max_steps=2, lr=1e-3, progress=False)
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    config = TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8)
+    model = GPT(config)
+    path = save_checkpoint(tmp_path / "sub" / "gpt.pt", model, config.to_dict(), extra={"val_loss": 1.5})
+    assert path.is_file() and not path.with_suffix(".pt.tmp").exists()
+    data = load_checkpoint(path)
+    assert data["extra"] == {"val_loss": 1.5}
+    restored = GPT(TransformerConfig(**data["config"]))
+    restored.load_state_dict(data["state_dict"])
+    ids = torch.randint(0, 20, (2, 6))
+    model.eval(), restored.eval()
+    assert torch.equal(model(ids), restored(ids))
+    # the file holds only tensors and plain data: the safe loader accepts it
+    torch.load(path, weights_only=True)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an lmpg checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    # arbitrary Python objects are refused by the safe loader
+    torch.save({"state_dict": {}, "config": Fraction(1, 3)}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+# ---- chapter 2's experiment helpers (no corpus needed) -----------------------------------
+
+
+def _toy_lm():
+    from lmpg_utils.tokenization import WordVocab
+
+    vocab = WordVocab.build(["the cat sat on the mat", "a dog sat"])
+    config = TransformerConfig(vocab_size=len(vocab), d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=4, dropout=0.0)
+    return GPT(config).eval(), vocab
+
+
+def test_windows_cover_every_event_once():
+    from lmpg_utils.experiments.gpt import windows
+    from lmpg_utils.tokenization import WordVocab
+
+    vocab = WordVocab(["a"])
+    sentence = list(range(4, 13))  # 9 words -> 10 events
+    pieces = windows(sentence, vocab, context=4)
+    assert [len(p) for p in pieces] == [5, 5, 3]
+    targets = [t for p in pieces for t in p[1:]]
+    assert targets == sentence + [vocab.eos_id]
+    assert pieces[0][0] == vocab.bos_id and pieces[1][0] == pieces[0][-1]
+    assert windows([5], vocab, context=10) == [[vocab.bos_id, 5, vocab.eos_id]]
+    with pytest.raises(ValueError, match="context must be >= 1"):
+        windows(sentence, vocab, 0)
+
+
+def test_perplexity_follows_the_chapter_1_contract():
+    from lmpg_utils.experiments.gpt import lm_loss, perplexity, total_nll
+    from lmpg_utils.neural_lm import pad_batch
+
+    model, vocab = _toy_lm()
+    sentences = [vocab.encode("the cat sat"), vocab.encode("a dog sat on the mat"), vocab.encode("zebra")]
+    assert vocab.unk_id in sentences[2]
+    # by hand: each verse from <s>, predicting every word and </s>, long verses in windows of max_len=4
+    nll, count = 0.0, 0
+    for s in sentences:
+        framed = [vocab.bos_id, *s, vocab.eos_id]
+        for start in range(0, len(framed) - 1, 4):
+            piece = torch.tensor([framed[start : start + 5]])
+            with torch.no_grad():
+                log_probs = F.log_softmax(model(piece[:, :-1]), -1)
+            nll -= float(log_probs.gather(-1, piece[:, 1:, None]).sum())
+            count += piece.shape[1] - 1
+    assert count == sum(len(s) + 1 for s in sentences)
+    got_nll, got_count = total_nll(model, sentences, vocab, batch_size=2)
+    assert got_count == count and math.isclose(got_nll, nll, rel_tol=1e-5)
+    small_nll, small_count = total_nll(model, sentences, vocab, max_tokens=6)  # token-budgeted batches
+    assert small_count == count and math.isclose(small_nll, nll, rel_tol=1e-5)
+    assert math.isclose(perplexity(model, sentences, vocab), math.exp(nll / count), rel_tol=1e-5)
+    # the training loss ignores padding and counts the same events
+    batch = pad_batch([[vocab.bos_id, *s, vocab.eos_id] for s in sentences[:1]] + [[vocab.bos_id, 4, vocab.eos_id]], vocab.pad_id)
+    loss, items = lm_loss(model, batch, vocab.pad_id)
+    assert items == len(sentences[0]) + 1 + 2
+    with pytest.raises(ValueError, match="no sentences to score"):
+        total_nll(model, [], vocab)
+
+
+def test_sample_verses_and_attention_weights():
+    from lmpg_utils.experiments.gpt import GPTExperimentConfig, attention_weights, sample_verses
+
+    model, vocab = _toy_lm()
+    texts = sample_verses(model, vocab, count=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    maps = attention_weights(model, [vocab.bos_id, 4, 5])
+    assert len(maps) == 1 and maps[0].shape == (2, 3, 3)
+    assert float(maps[0].triu(1).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="count must be positive"):
+        sample_verses(model, vocab, count=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTExperimentConfig(d_model=30, num_heads=4)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        GPTExperimentConfig(steps=0)
