@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .tokenization import CLS, MASK, PAD, SEP, BPETokenizer
 from .training import TrainHistory, train
-from .transformer import TransformerConfig, TransformerEncoder
+from .transformer import TransformerConfig, TransformerEncoder, init_weights
 
 IGNORE_INDEX = -100
 NEGATIVE_KINDS: tuple[str, ...] = ("random", "other_book", "same_chapter")
@@ -394,15 +394,6 @@ def encode_single(
 # The model
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-
-
 class BertModel(nn.Module):
     """Encoder with segment embeddings, a pooler on ``[CLS]``, an MLM head and an NSP head.
 
@@ -422,7 +413,7 @@ class BertModel(nn.Module):
         self.mlm_transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.nsp_head = nn.Linear(d, 2)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def encode(self, ids: Tensor, segment_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
         """Hidden states (B, L, d_model) of the joint encoding."""
@@ -633,7 +624,7 @@ class BertClassifier(nn.Module):
         self.bert = bert
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(bert.config.d_model, num_classes)
-        _init_weights(self.head)
+        init_weights(self.head)
 
     def forward(self, ids: Tensor, segment_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
         """Class logits (B, num_classes)."""

@@ -19,6 +19,32 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 
+def bucketed_batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """Endless shuffled, right-padded (batch, length) batches of ``sequences``.
+
+    Each epoch is shuffled; within chunks of 50 batches, sequences of similar length
+    share a batch to limit padding, and the batches are then shuffled again.
+    """
+    if not sequences:
+        raise ValueError("no sequences to batch")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        chunk = batch_size * 50
+        for start in range(0, len(order), chunk):
+            block = sorted(order[start : start + chunk], key=lambda i: len(sequences[i]))
+            batches = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                rows = [sequences[i] for i in batches[b]]
+                out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+                for row, sequence in enumerate(rows):
+                    out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+                yield out
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     """Multiplier for the learning rate: linear warm-up, then cosine decay to ``min_ratio``."""
     if warmup_steps < 0 or total_steps <= 0:

@@ -203,7 +203,7 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embeddings.token.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
@@ -243,7 +243,7 @@ class EncoderDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.encoder.embeddings.token.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def encode(self, src: Tensor, src_padding_mask: Tensor) -> Tensor:
         return self.encoder(src, padding_mask=src_padding_mask)
@@ -282,7 +282,8 @@ class EncoderDecoder(nn.Module):
         return self.decode(tgt_in, memory, src_padding_mask, tgt_padding_mask=tgt_in == pad_id)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 style initialisation: normal(0, 0.02) weights, zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:

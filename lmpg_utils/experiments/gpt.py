@@ -28,7 +28,7 @@ from .. import runtime
 from ..generation import generate
 from ..neural_lm import pad_batch
 from ..tokenization import WordVocab
-from ..training import TrainHistory, train
+from ..training import TrainHistory, bucketed_batches, train
 from ..transformer import GPT, TransformerConfig, count_parameters
 from .language_models import prepare_word_data
 
@@ -111,16 +111,7 @@ def all_windows(sentences: list[list[int]], vocab: WordVocab, context: int) -> l
 
 def batch_iterator(pieces: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless shuffled, padded batches; pieces of similar length share a batch to limit padding."""
-    if not pieces:
-        raise ValueError("no sequences to batch")
-    while True:
-        order = torch.randperm(len(pieces), generator=generator).tolist()
-        chunk = batch_size * 50
-        for start in range(0, len(order), chunk):
-            block = sorted(order[start : start + chunk], key=lambda i: len(pieces[i]))
-            batches = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
-            for b in torch.randperm(len(batches), generator=generator).tolist():
-                yield pad_batch([pieces[i] for i in batches[b]], pad_id)
+    return bucketed_batches(pieces, batch_size, pad_id, generator)
 
 
 def lm_loss(model: GPT, batch: Tensor, pad_id: int) -> tuple[Tensor, int]:

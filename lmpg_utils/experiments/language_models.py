@@ -22,7 +22,7 @@ from .. import corpora, runtime
 from ..ngram import KneserNeyLM
 from ..neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel, cloze_batch_loss, lm_batch_loss, pad_batch
 from ..tokenization import WordVocab
-from ..training import load_checkpoint, save_checkpoint, train
+from ..training import bucketed_batches, load_checkpoint, save_checkpoint, train
 
 CACHE_VERSION = "1"
 
@@ -101,16 +101,7 @@ def batch_iterator(
     sentences: list[list[int]], vocab: WordVocab, batch_size: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
     """Endless framed, padded batches; verses of similar length are batched together to limit padding."""
-    if not sentences:
-        raise ValueError("no sentences to batch")
-    while True:
-        order = torch.randperm(len(sentences), generator=generator).tolist()
-        chunk = batch_size * 50
-        for start in range(0, len(order), chunk):
-            block = sorted(order[start : start + chunk], key=lambda i: len(sentences[i]))
-            batches = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
-            for b in torch.randperm(len(batches), generator=generator).tolist():
-                yield pad_batch([frame(sentences[i], vocab) for i in batches[b]], vocab.pad_id)
+    return bucketed_batches([frame(s, vocab) for s in sentences], batch_size, vocab.pad_id, generator)
 
 
 def _length_batches(sentences: list[list[int]], max_tokens: int) -> Iterator[list[int]]:
