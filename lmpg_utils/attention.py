@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _check_mask(mask: Tensor, query: Tensor, scores_shape: torch.Size, name: str) -> None:
+def _check_mask(mask: Tensor, scores_shape: tuple[int, ...], name: str) -> None:
+    """A mask must be bool or float and broadcast to the (..., query_length, key_length) scores."""
+    scores_shape = torch.Size(scores_shape)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"{name} must be bool (True = attend) or floating point, got dtype {mask.dtype}")
     try:
@@ -75,7 +77,7 @@ def scaled_dot_product_attention(
         allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
-        _check_mask(attn_mask, query, scores.shape, "attn_mask")
+        _check_mask(attn_mask, scores.shape, "attn_mask")
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
@@ -195,14 +197,7 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise ValueError(f"attn_mask must be bool (True = attend), got dtype {attn_mask.dtype}")
-            scores_shape = (q.shape[0], self.num_heads, length_q, length_k)
-            try:
-                if torch.broadcast_shapes(attn_mask.shape, scores_shape) != scores_shape:
-                    raise RuntimeError
-            except RuntimeError:
-                raise ValueError(
-                    f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query_length, key_length) = {scores_shape}"
-                ) from None
+            _check_mask(attn_mask, (q.shape[0], self.num_heads, length_q, length_k), "attn_mask")
             mask = attn_mask if mask is None else mask & attn_mask
         if mask is not None and is_causal:
             mask = mask & torch.ones(length_q, length_k, dtype=torch.bool, device=q.device).tril()
