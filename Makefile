@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data book browser test unit notebooks check-pages benchmark clean
+.PHONY: setup data book browser test test-cold unit notebooks check-pages benchmark clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ $(VENDOR_STAMP): scripts/fetch_vendor.py
 	$(PYTHON) scripts/fetch_vendor.py $(VENDOR)
 
 # One thread, as under `make notebooks`, so the book shows the very numbers the tests checked.
+# scripts/book_cache.py empties jupyter-cache when lmpg_utils/ or the requirements changed, so
+# the notebooks run again against the current code. `--all` makes Sphinx read every page again
+# (cheap: executed notebooks come from jupyter-cache), so a notebook that failed is executed
+# again and fails the build every time, not only the first.
+JUPYTER_CACHE := _build/.jupyter_cache
 book: data $(VENDOR_STAMP)
-	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/jupyter-book build . -W -n --keep-going
+	$(BIN)/python scripts/book_cache.py $(JUPYTER_CACHE)
+	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/jupyter-book build . -W -n --keep-going --all
 
 # Opens every built page in headless Chromium: math typeset, diagrams drawn, no errors, nothing remote.
 check-pages: book browser
@@ -50,6 +56,20 @@ notebooks: data
 	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
 
 test: unit notebooks
+
+# As on a new machine: unit tests and notebooks with an empty model and corpus cache, so every
+# model is trained from scratch. Prints the time of each phase. LMPG_SEED=1 picks another seed.
+test-cold: data
+	@cache=$$(mktemp -d -t lmpg-cold-XXXXXX); trap 'rm -rf "$$cache"' EXIT; \
+	start=$$(date +%s); \
+	LMPG_CACHE_DIR=$$cache $(BIN)/python -m lmpg_utils data || exit 1; \
+	parsed=$$(date +%s); \
+	LMPG_CACHE_DIR=$$cache $(MAKE) --no-print-directory unit || exit 1; \
+	unit=$$(date +%s); \
+	LMPG_CACHE_DIR=$$cache $(MAKE) --no-print-directory notebooks || exit 1; \
+	end=$$(date +%s); \
+	echo "test-cold (seed $${LMPG_SEED:-0}): parse corpora $$((parsed - start)) s, unit tests $$((unit - parsed)) s," \
+	  "notebooks $$((end - unit)) s, total $$((end - start)) s"
 
 # A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s); always exits 0.
 benchmark: data

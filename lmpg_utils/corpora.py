@@ -30,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .caching import cache_dir
+
 DING_PATH = Path("/usr/share/trans/de-en")
 SWORD_ROOT = Path("/usr/share/sword")
-WEB_MODULE = "engWEB2015eb"
+WEB_MODULE_PATTERN = r"engweb\d{4}eb"  # engWEB2015eb on Debian 12, engweb2025eb later
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.90, 0.05, 0.05)
 PARSER_VERSION = "2"
@@ -64,7 +66,9 @@ def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
     missing = []
     if not DING_PATH.is_file():
         missing.append(DEBIAN_PACKAGES["ding"])
-    if not (SWORD_ROOT / "mods.d" / f"{WEB_MODULE}.conf").is_file():
+    try:
+        _web_paths(SWORD_ROOT)
+    except DataMissingError:
         missing.append(DEBIAN_PACKAGES["web"])
     installed = {name: False for name in DEBIAN_PACKAGES.values()}
     if not missing:
@@ -104,17 +108,6 @@ def check_split(name: str) -> str:
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; valid splits are: {', '.join(SPLITS)}")
     return name
-
-
-def cache_dir() -> Path:
-    """The directory where parsed corpora are cached (created if needed)."""
-    root = os.environ.get("LMPG_CACHE_DIR")
-    if root:
-        path = Path(root)
-    else:
-        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmpg"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def checksum(paths: Iterable[Path]) -> str:
@@ -342,18 +335,69 @@ def clean_osis(markup: str) -> str:
     return re.sub(r"([\u201c\u2018(])\s+", r"\1", text)
 
 
-def _web_paths(sword_root: Path) -> tuple[Path, Path]:
-    conf = sword_root / "mods.d" / f"{WEB_MODULE}.conf"
-    data = sword_root / "modules" / "texts" / "ztext" / WEB_MODULE
-    if conf.is_file():  # the conf names the data directory; prefer it
-        for line in conf.read_text(encoding="utf-8").splitlines():
-            if line.startswith("DataPath="):
-                data = (sword_root / line.split("=", 1)[1].strip()).resolve()
-    if not conf.is_file() or not data.is_dir():
+def _read_conf(conf: Path) -> tuple[str, dict[str, str]]:
+    """A SWORD ``.conf``: its ``[ModuleName]`` and its ``Key=Value`` entries (first value wins)."""
+    name, entries = "", {}
+    for line in conf.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]") and not name:
+            name = line[1:-1].strip()
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            entries.setdefault(key.strip(), value.strip())
+    return name, entries
+
+
+def _resolve_case_insensitively(root: Path, relative: str) -> Path | None:
+    """``root / relative``, matching each path component case-insensitively; None if absent."""
+    path = root
+    for part in Path(relative).parts:
+        if part in (".", ""):
+            continue
+        exact = path / part
+        if exact.exists():
+            path = exact
+            continue
+        matches = [p for p in path.iterdir() if p.name.lower() == part.lower()] if path.is_dir() else []
+        if len(matches) != 1:
+            return None
+        path = matches[0]
+    return path
+
+
+def find_sword_module(
+    sword_root: Path, name_pattern: str, abbreviation: str, package: str
+) -> tuple[Path, Path, str]:
+    """Find an installed SWORD module through its ``.conf``: ``(conf, data_dir, module_name)``.
+
+    A module matches when its name matches ``name_pattern`` (a regular expression, case
+    ignored) or its ``Abbreviation`` equals ``abbreviation``; among several, the name
+    that sorts last (the newest edition) wins. Its ``DataPath`` is resolved under
+    ``sword_root`` case-insensitively, since some packages ship a lower-case
+    ``DataPath`` for a mixed-case directory. Raises :class:`DataMissingError` with the
+    install command when nothing matches.
+    """
+    pattern = re.compile(name_pattern, re.IGNORECASE)
+    found = []
+    for conf in sorted((sword_root / "mods.d").glob("*.conf")):
+        name, entries = _read_conf(conf)
+        if not (pattern.fullmatch(name) or entries.get("Abbreviation", "").lower() == abbreviation.lower()):
+            continue
+        data = _resolve_case_insensitively(sword_root, entries.get("DataPath", ""))
+        if data is not None and data.is_dir() and data != sword_root:
+            found.append((name.lower(), conf, data, name))
+    if not found:
         raise DataMissingError(
-            f"World English Bible (SWORD module {WEB_MODULE}) not found under {sword_root}; install with:\n  "
-            f"{install_command(DEBIAN_PACKAGES['web'])}"
+            f"no SWORD module named like {name_pattern!r} or abbreviated {abbreviation!r} with its data "
+            f"under {sword_root}; install with:\n  {install_command(package)}"
         )
+    _, conf, data, name = max(found)
+    return conf, data, name
+
+
+def _web_paths(sword_root: Path) -> tuple[Path, Path]:
+    """The World English Bible's conf and data directory (``engWEB2015eb``, ``engweb2025eb``, ...)."""
+    conf, data, _ = find_sword_module(sword_root, WEB_MODULE_PATTERN, "WEB", DEBIAN_PACKAGES["web"])
     return conf, data
 
 

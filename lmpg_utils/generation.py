@@ -72,6 +72,19 @@ def generate(
     return tokens
 
 
+def policy_logits(logits: Tensor, bos_id: int, pad_id: int) -> Tensor:
+    """The translation policy's logits: ``logits`` with BOS and PAD forbidden (set to -inf).
+
+    Padding and BOS are never valid outputs: a sampled PAD would end a row silently.
+    :func:`translate` samples from these logits and :func:`sequence_log_probs` scores
+    with them, so REINFORCE differentiates exactly the policy that drew the samples.
+    Works on any shape whose last dimension is the vocabulary; returns a new tensor.
+    """
+    forbidden = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    forbidden[[bos_id, pad_id]] = True
+    return logits.masked_fill(forbidden, float("-inf"))
+
+
 @torch.no_grad()
 def translate(
     model: EncoderDecoder,
@@ -106,11 +119,7 @@ def translate(
     step_input = tokens
     for _ in range(max_len):
         logits = model.decode(step_input, memory, src_padding_mask, cache=cache)[:, -1]
-        # Padding and BOS are never valid outputs: a sampled PAD would end the sequence
-        # silently and break the log-probability of what was actually sampled.
-        logits[:, pad_id] = float("-inf")
-        logits[:, bos_id] = float("-inf")
-        next_token = pick_next(logits, temperature, top_k, generator)
+        next_token = pick_next(policy_logits(logits, bos_id, pad_id), temperature, top_k, generator)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         finished |= next_token == eos_id
@@ -130,16 +139,22 @@ def target_mask(tokens: Tensor, eos_id: int, pad_id: int) -> Tensor:
 
 
 def sequence_log_probs(
-    model: EncoderDecoder, src: Tensor, tokens: Tensor, eos_id: int, pad_id: int
+    model: EncoderDecoder, src: Tensor, tokens: Tensor, eos_id: int, pad_id: int, bos_id: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Log-probability of each target sequence under ``model``, with gradients.
+    """Log-probability of each target sequence under the translation policy, with gradients.
 
-    ``tokens`` (B, T) start with BOS. The sum runs over exactly the sampled tokens up
-    to and including the first EOS (padding after it is excluded). Returns
+    ``tokens`` (B, T) start with BOS (``bos_id``; default: read from ``tokens[0, 0]``).
+    The policy is the one :func:`translate` samples from (:func:`policy_logits`: BOS
+    and PAD forbidden). The sum runs over exactly the sampled tokens up to and
+    including the first EOS (padding after it is excluded). Returns
     ``(log_prob (B,), token_count (B,))``.
     """
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (batch, length >= 2) starting with BOS, got shape {tuple(tokens.shape)}")
+    bos_id = int(tokens[0, 0]) if bos_id is None else bos_id
     logits = model(src, tokens[:, :-1], pad_id=pad_id)
-    log_probs = F.log_softmax(logits.float(), dim=-1)
+    log_probs = F.log_softmax(policy_logits(logits.float(), bos_id, pad_id), dim=-1)
     chosen = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     mask = target_mask(tokens, eos_id, pad_id)
-    return (chosen * mask).sum(dim=1), mask.sum(dim=1)
+    # where, not a product: a PAD after EOS scores -inf under the policy, and 0 * -inf is nan
+    return torch.where(mask, chosen, torch.zeros_like(chosen)).sum(dim=1), mask.sum(dim=1)

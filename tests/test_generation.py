@@ -111,17 +111,50 @@ def test_translate_pads_after_eos_and_scores_consistently():
             assert torch.all(row[first + 1 :] == PAD)
     logp, counts = sequence_log_probs(model, src, tokens, EOS, PAD)
     assert torch.equal(counts, mask.sum(1))
-    # the same numbers by hand, one row at a time. (An untrained model may sample PAD mid-sentence;
-    # such a token is excluded by target_mask, so only rows without one are compared.)
-    clean = [b for b in range(6) if not (tokens[b, 1 : int(counts[b]) + 1] == PAD).any()]
-    assert len(clean) >= 3
-    for b in clean:
+    # PAD and BOS are never sampled, so every row holds real tokens up to its first EOS
+    assert not (tokens[:, 1:][mask] == PAD).any() and not (tokens[:, 1:] == BOS).any()
+    # the same numbers by hand, one row at a time, over the policy's vocabulary (no PAD, no BOS)
+    for b in range(6):
         n = int(counts[b])
         with torch.no_grad():
-            logits = model(src[b : b + 1], tokens[b : b + 1, :n])
-        manual = F.log_softmax(logits[0], -1).gather(-1, tokens[b, 1 : n + 1, None]).sum()
+            logits = model(src[b : b + 1], tokens[b : b + 1, :n])[0]
+        logits[:, [PAD, BOS]] = float("-inf")
+        manual = F.log_softmax(logits, -1).gather(-1, tokens[b, 1 : n + 1, None]).sum()
         assert torch.allclose(logp[b], manual, atol=1e-4)
     assert logp.requires_grad
+
+
+def test_sampling_and_scoring_use_the_same_policy():
+    """The first sampled token's frequencies match exp(sequence_log_probs), even when the raw
+    model puts most of its mass on PAD and BOS (which the policy forbids)."""
+    model = _seq2seq()
+    boost = torch.zeros(model.head.weight.shape[0])
+    boost[[PAD, BOS]] = 8.0  # large PAD and BOS logits on every decoding path
+    model.head.register_forward_hook(lambda module, inputs, output: output + boost)
+    src = torch.randint(4, 30, (1, 5))
+    draws = 4000
+    tokens = translate(model, src.expand(draws, -1), BOS, EOS, PAD, max_len=1, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the raw model really prefers PAD/BOS: the test would catch an unmasked scorer
+        raw = F.softmax(model(src, tokens[:1, :1])[0, 0], -1)
+    assert raw[[PAD, BOS]].sum() > 0.9
+    first = tokens[:, 1]
+    assert not ((first == PAD) | (first == BOS)).any()
+    vocab = model.head.weight.shape[0]
+    candidates = torch.tensor([t for t in range(vocab) if t not in (PAD, BOS)])
+    pairs = torch.stack([torch.full_like(candidates, BOS), candidates], dim=1)  # (V - 2, 2): BOS, token
+    with torch.no_grad():
+        logp, _ = sequence_log_probs(model, src.expand(len(candidates), -1), pairs, EOS, PAD)
+        forbidden, _ = sequence_log_probs(model, src, torch.tensor([[BOS, BOS]]), EOS, PAD)
+    assert forbidden.item() == float("-inf")
+    prob = torch.zeros(vocab, dtype=torch.float64)
+    prob[candidates] = logp.exp().double()
+    assert torch.isclose(prob.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5)
+    counts = torch.bincount(first, minlength=vocab).double()
+    frequency = counts / draws
+    se = (prob * (1 - prob) / draws).sqrt()
+    z = ((frequency - prob).abs() / se)[candidates]
+    assert z.max() < 5, f"sampled frequencies differ from exp(sequence_log_probs) by {z.max():.1f} SE"
 
 
 def test_greedy_translation_is_deterministic_and_rejects_empty_sources():

@@ -92,10 +92,13 @@ def test_sequence_log_prob_is_sum_of_step_log_probs(tokenizer, model):
     tokens = translate(model, src, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, max_len=6,
                        temperature=1.0, generator=g)
     logp, counts = sequence_log_probs(model, src, tokens, tokenizer.eos_id, tokenizer.pad_id)
+    forbidden = torch.tensor([tokenizer.pad_id, tokenizer.bos_id])
     for row in range(3):
         total, n = 0.0, 0
         for t in range(1, tokens.shape[1]):
-            step = torch.log_softmax(model(src[row : row + 1], tokens[row : row + 1, :t], pad_id=tokenizer.pad_id)[0, -1], -1)
+            logits = model(src[row : row + 1], tokens[row : row + 1, :t], pad_id=tokenizer.pad_id)[0, -1]
+            logits = logits.masked_fill(torch.isin(torch.arange(len(logits)), forbidden), float("-inf"))
+            step = torch.log_softmax(logits, -1)  # the policy: PAD and BOS are never chosen
             total += float(step[tokens[row, t]].detach())
             n += 1
             if int(tokens[row, t]) == tokenizer.eos_id:

@@ -10,22 +10,18 @@ are the ``<unk>`` event (a closed vocabulary), so the numbers are comparable.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
-from .. import corpora, runtime
+from .. import caching, corpora, runtime
 from ..ngram import KneserNeyLM
 from ..neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel, cloze_batch_loss, lm_batch_loss, pad_batch
 from ..tokenization import WordVocab
-from ..training import bucketed_batches, load_checkpoint, save_checkpoint, train
-
-CACHE_VERSION = "1"
-
+from ..training import bucketed_batches, save_checkpoint, train
 
 @dataclass(frozen=True)
 class LanguageModelConfig:
@@ -189,12 +185,9 @@ class LanguageModelResults:
         }
 
 
-def _cache_path(config: LanguageModelConfig, seed: int):
+def _cache_key(config: LanguageModelConfig, seed: int) -> dict:
     neural = {k: v for k, v in asdict(config).items() if k != "ngram_orders"}  # the n-grams are not cached
-    key = json.dumps({"v": CACHE_VERSION, "data": corpora.PARSER_VERSION, "config": neural, "seed": seed}, sort_keys=True)
-    import hashlib
-
-    return corpora.cache_dir() / f"ch1-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    return caching.artifact_key("ch1-models", {**neural, "corpus_parser": corpora.PARSER_VERSION}, seed)
 
 
 def run_language_models(
@@ -223,10 +216,11 @@ def run_language_models(
     ngram = models[best_order]
     seconds["ngram"] = time.perf_counter() - began
 
-    path = _cache_path(config, seed)
+    key = _cache_key(config, seed)
+    path = caching.artifact_path(key)
     lstm = LSTMLanguageModel(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
     cloze = BidirectionalLSTMCloze(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
-    cached = load_checkpoint(path) if use_cache and path.is_file() else None
+    cached = caching.load_current(path, key) if use_cache else None
     if cached is not None:
         state = cached["state_dict"]
         for name, model in (("lstm", lstm), ("cloze", cloze)):
@@ -272,8 +266,11 @@ def run_language_models(
             path,
             torch.nn.ModuleDict({"lstm": lstm, "cloze": cloze}),
             asdict(config),
-            {"seconds": {k: v for k, v in seconds.items() if k != "ngram"}, "tokens_per_s": tokens_per_s,
-             "curve_steps": list(curve[0]), "curve_values": list(curve[1])},
+            caching.tag(
+                {"seconds": {k: v for k, v in seconds.items() if k != "ngram"}, "tokens_per_s": tokens_per_s,
+                 "curve_steps": list(curve[0]), "curve_values": list(curve[1])},
+                key,
+            ),
         )
     lstm.eval()
     cloze.eval()

@@ -16,14 +16,13 @@ seconds both actually took are reported next to the scores.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import corpora, runtime
+from .. import caching, corpora, runtime
 from ..metrics import corpus_bleu, corpus_chrf, sentence_rewards
 from ..policy_gradient import (
     MovingAverage,
@@ -36,7 +35,7 @@ from ..policy_gradient import (
     rollout,
 )
 from ..tokenization import BPETokenizer
-from ..training import load_checkpoint, make_optimizer, save_checkpoint, train
+from ..training import make_optimizer, save_checkpoint, train
 from ..translation import EncodedPairs, frequent_word_subset, mle_loss, train_tokenizer, translate_texts
 from ..transformer import EncoderDecoder, TransformerConfig, count_parameters
 
@@ -85,11 +84,13 @@ class PGConfig:
         if self.mle_mix < 0:
             raise ValueError(f"mle_mix must be >= 0, got {self.mle_mix}")
 
-    def start_key(self) -> str:
+    def start_key(self) -> dict:
+        """The cache key of the MLE start: the fields up to ``start_seed``, the seed, torch and the code."""
         fields = list(asdict(self).items())
         names = [f for f, _ in fields]
-        start = dict(fields[: names.index("start_seed") + 1])
-        return hashlib.sha256(json.dumps(start, sort_keys=True).encode()).hexdigest()[:16]
+        start = dict(fields[: names.index("start_seed")])
+        start["corpus_parser"] = corpora.PARSER_VERSION
+        return caching.artifact_key("ch4-mle-start", start, self.start_seed)
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(
@@ -151,13 +152,15 @@ def prepare(config: PGConfig, progress: bool = False) -> Setup:
         pairs = train_all if split == "train" else _split_pairs(split)
         keep = frequent_word_subset(pairs, train_all, config.max_words, config.top_words)
         splits[split] = [pairs[i] for i in keep]
-    path = corpora.cache_dir() / f"pg-mle-start-{config.start_key()}.pt"
+    key = config.start_key()
+    path = caching.artifact_path(key)
     weak_path = path.with_name(path.stem + "-weak.pt")
-    cached = path.is_file() and weak_path.is_file()
+    data = caching.load_current(path, key)
+    weak = caching.load_current(weak_path, key) if data is not None else None
+    cached = data is not None and weak is not None
     if cached:
-        data = load_checkpoint(path)
         tokenizer = BPETokenizer.from_str(data["extra"]["tokenizer"])
-        start_state, weak_state = data["state_dict"], load_checkpoint(weak_path)["state_dict"]
+        start_state, weak_state = data["state_dict"], weak["state_dict"]
         mle_seconds, history = float(data["extra"]["seconds"]), json.loads(data["extra"]["history"])
     else:
         tokenizer = train_tokenizer(splits["train"], config.vocab_size)
@@ -183,8 +186,8 @@ def prepare(config: PGConfig, progress: bool = False) -> Setup:
         history = {"steps": hist.steps, "losses": hist.losses, "tokens_per_second": hist.items_per_second}
         start_state, weak_state = model.state_dict(), snapshots[0]
         extra = {"tokenizer": tokenizer.to_str(), "seconds": mle_seconds, "history": json.dumps(history)}
-        save_checkpoint(weak_path, model_with(config, tokenizer, weak_state), asdict(config))
-        save_checkpoint(path, model, asdict(config), extra)
+        save_checkpoint(weak_path, model_with(config, tokenizer, weak_state), asdict(config), caching.tag({}, key))
+        save_checkpoint(path, model, asdict(config), caching.tag(extra, key))
     return Setup(config, tokenizer, encoded["train"], encoded["valid"], encoded["test"], start_state, weak_state,
                  mle_seconds, history, cached)
 
