@@ -1,7 +1,7 @@
 """lmpg_utils: the package behind the book *Large Language Models from Theory to Practice: Policy Gradient*.
 
 Notebooks narrate; this package does the work. One module per concept:
-``runtime``, ``corpora``, ``tokenization``, ``ngram``, ``neural_lm``, ``attention``,
+``runtime``, ``caching``, ``corpora``, ``tokenization``, ``ngram``, ``neural_lm``, ``attention``,
 ``transformer``, ``generation``, ``training``, ``metrics``, ``bert``,
 ``policy_gradient`` and ``experiments`` (one main run per chapter).
 """

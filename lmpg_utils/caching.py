@@ -17,15 +17,21 @@ The cache directory is ``LMPG_CACHE_DIR``, else ``$XDG_CACHE_HOME/lmpg``, else
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None  # type: ignore[assignment]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -125,3 +131,24 @@ def load_current(path: Path, key: Mapping[str, Any]) -> dict | None:
 def tag(extra: Mapping[str, Any], key: Mapping[str, Any]) -> dict[str, Any]:
     """``extra`` metadata with the cache key added, for :func:`training.save_checkpoint`."""
     return {**dict(extra), "cache_key": dict(key)}
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an advisory lock next to ``path`` while an artifact is loaded or trained.
+
+    Two notebooks that need the same model at once (chapters 1 and 2 under parallel
+    tests) then train it once: the second waits and loads what the first saved.
+    Without ``fcntl`` (not POSIX) this does nothing.
+    """
+    if fcntl is None:
+        yield
+        return
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -6,7 +6,9 @@ Two corpora back the book:
   GPL-2+, file ``/usr/share/trans/de-en``). The dictionary is not redistributed here:
   it is parsed where the package installed it.
 * **Ordered modern English** from the World English Bible (Debian ``sword-text-web``,
-  public domain), read with PyPI's ``pysword``. Verses keep their book, chapter and
+  public domain), read with PyPI's ``pysword``. The SWORD module is found through its
+  ``.conf`` (``engWEB2015eb`` on Debian 12, ``engweb2025eb`` later, whose lower-case
+  ``DataPath`` is matched case-insensitively). Verses keep their book, chapter and
   verse ids, in canonical order, so consecutive verses are true next sentences.
 
 Parsed corpora are cached as JSON in a user cache directory (``LMPG_CACHE_DIR``, else

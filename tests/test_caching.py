@@ -78,3 +78,29 @@ def test_load_current_never_loads_a_file_made_under_another_key(tmp_path, monkey
     path.write_bytes(b"torn")
     with pytest.warns(UserWarning, match="unreadable"):
         assert caching.load_current(path, key) is None
+
+
+@pytest.mark.skipif(caching.fcntl is None, reason="advisory locks need POSIX fcntl")
+def test_exclusive_makes_a_second_trainer_wait(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "model.pt"
+    order = []
+
+    def first():
+        with caching.exclusive(path):
+            order.append("first in")
+            time.sleep(0.4)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    while not order:
+        time.sleep(0.01)
+    began = time.perf_counter()
+    with caching.exclusive(path):
+        waited = time.perf_counter() - began
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"] and waited > 0.2

@@ -220,58 +220,59 @@ def run_language_models(
     path = caching.artifact_path(key)
     lstm = LSTMLanguageModel(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
     cloze = BidirectionalLSTMCloze(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
-    cached = caching.load_current(path, key) if use_cache else None
-    if cached is not None:
-        state = cached["state_dict"]
-        for name, model in (("lstm", lstm), ("cloze", cloze)):
-            model.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
-        extra = cached["extra"]
-        seconds.update(extra["seconds"])
-        tokens_per_s = extra["tokens_per_s"]
-        curve = (extra["curve_steps"], extra["curve_values"])
-    else:
-        generator = runtime.set_seed(seed)
-        valid_subset = data.valid[:400]
+    with caching.exclusive(path):  # chapters 1 and 2 may ask at once: train once
+        cached = caching.load_current(path, key) if use_cache else None
+        if cached is not None:
+            state = cached["state_dict"]
+            for name, model in (("lstm", lstm), ("cloze", cloze)):
+                model.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+            extra = cached["extra"]
+            seconds.update(extra["seconds"])
+            tokens_per_s = extra["tokens_per_s"]
+            curve = (extra["curve_steps"], extra["curve_values"])
+        else:
+            generator = runtime.set_seed(seed)
+            valid_subset = data.valid[:400]
 
-        def valid_ppl(model: LSTMLanguageModel) -> float:
-            return perplexity_of(lstm_token_log_probs(model, valid_subset, vocab))
+            def valid_ppl(model: LSTMLanguageModel) -> float:
+                return perplexity_of(lstm_token_log_probs(model, valid_subset, vocab))
 
-        history = train(
-            lstm,
-            batch_iterator(data.train, vocab, config.batch_size, generator),
-            lambda m, b: lm_batch_loss(m, b.to(device), vocab.pad_id),
-            max_steps=config.lstm_steps,
-            lr=config.lr,
-            warmup_steps=50,
-            eval_fn=valid_ppl,
-            eval_every=config.eval_every or max(1, config.lstm_steps // 8),
-            progress=progress,
-            description="LSTM LM",
-        )
-        seconds["lstm"] = history.seconds
-        tokens_per_s = history.items_per_second
-        curve = (history.eval_steps, history.eval_values)
-        history = train(
-            cloze,
-            batch_iterator(data.train, vocab, config.batch_size, generator),
-            lambda m, b: cloze_batch_loss(m, b.to(device), vocab.pad_id),
-            max_steps=config.cloze_steps,
-            lr=config.lr,
-            warmup_steps=50,
-            progress=progress,
-            description="bidirectional cloze",
-        )
-        seconds["cloze"] = history.seconds
-        save_checkpoint(
-            path,
-            torch.nn.ModuleDict({"lstm": lstm, "cloze": cloze}),
-            asdict(config),
-            caching.tag(
-                {"seconds": {k: v for k, v in seconds.items() if k != "ngram"}, "tokens_per_s": tokens_per_s,
-                 "curve_steps": list(curve[0]), "curve_values": list(curve[1])},
-                key,
-            ),
-        )
+            history = train(
+                lstm,
+                batch_iterator(data.train, vocab, config.batch_size, generator),
+                lambda m, b: lm_batch_loss(m, b.to(device), vocab.pad_id),
+                max_steps=config.lstm_steps,
+                lr=config.lr,
+                warmup_steps=50,
+                eval_fn=valid_ppl,
+                eval_every=config.eval_every or max(1, config.lstm_steps // 8),
+                progress=progress,
+                description="LSTM LM",
+            )
+            seconds["lstm"] = history.seconds
+            tokens_per_s = history.items_per_second
+            curve = (history.eval_steps, history.eval_values)
+            history = train(
+                cloze,
+                batch_iterator(data.train, vocab, config.batch_size, generator),
+                lambda m, b: cloze_batch_loss(m, b.to(device), vocab.pad_id),
+                max_steps=config.cloze_steps,
+                lr=config.lr,
+                warmup_steps=50,
+                progress=progress,
+                description="bidirectional cloze",
+            )
+            seconds["cloze"] = history.seconds
+            save_checkpoint(
+                path,
+                torch.nn.ModuleDict({"lstm": lstm, "cloze": cloze}),
+                asdict(config),
+                caching.tag(
+                    {"seconds": {k: v for k, v in seconds.items() if k != "ngram"}, "tokens_per_s": tokens_per_s,
+                     "curve_steps": list(curve[0]), "curve_values": list(curve[1])},
+                    key,
+                ),
+            )
     lstm.eval()
     cloze.eval()
 

@@ -1,8 +1,8 @@
 """Chapter 4's experiment: fine-tune a German-English translator with REINFORCE on sentence BLEU.
 
 :func:`prepare` builds the data (the easier subset: short pairs of frequent words), the
-BPE tokenizer and the MLE start (trained once per config and seed, cached in
-``corpora.cache_dir()``). :func:`fine_tune` continues from that start either with a
+BPE tokenizer and the MLE start (trained once per config, seed and code version, cached
+in ``caching.cache_dir()`` under :meth:`PGConfig.start_key`). :func:`fine_tune` continues from that start either with a
 policy-gradient estimator or with plain MLE (the control). :func:`run_policy_gradient`
 does both for one estimator and evaluates on the held-out test split.
 
