@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "book_cache.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("book_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cache_is_kept_while_the_code_is_unchanged_and_emptied_when_it_changes(tmp_path, monkeypatch):
-    book_cache = _load()
+def test_cache_is_kept_while_the_code_is_unchanged_and_emptied_when_it_changes(load_script, tmp_path, monkeypatch):
+    book_cache = load_script("book_cache")
     cache = tmp_path / ".jupyter_cache"
     assert book_cache.main(cache) == 0 and (cache / "lmpg-code-stamp").is_file()
     executed = cache / "executed-notebook"
@@ -28,8 +15,8 @@ def test_cache_is_kept_while_the_code_is_unchanged_and_emptied_when_it_changes(t
     assert not executed.exists() and (cache / "lmpg-code-stamp").read_text() == "lmpg_utils 0123\n"
 
 
-def test_stamp_names_the_package_hash_torch_and_requirements():
+def test_stamp_names_the_package_hash_torch_and_requirements(load_script):
     from lmpg_utils.caching import source_hash
 
-    stamp = _load().code_stamp()
+    stamp = load_script("book_cache").code_stamp()
     assert source_hash() in stamp and "torch " in stamp and "requirements " in stamp

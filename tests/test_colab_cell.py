@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "colab_cell.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("colab_cell", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_chapter_starts_with_the_generated_cell():
-    colab_cell = _load()
+def test_every_chapter_starts_with_the_generated_cell(load_script):
+    colab_cell = load_script("colab_cell")
     assert len(colab_cell.chapters()) >= 4
     assert colab_cell.main(["colab_cell.py", "--check"]) == 0
 
 
-def test_the_cell_follows_config_and_stays_within_the_page(tmp_path, monkeypatch):
-    colab_cell = _load()
+def test_the_cell_follows_config_and_stays_within_the_page(load_script, tmp_path, monkeypatch):
+    colab_cell = load_script("colab_cell")
     url, branch = colab_cell.repository()
     source = colab_cell.cell_source()
     assert f"git+{url}@{branch}" in source and "data\", \"--install" in source

