@@ -10,6 +10,8 @@ CDN. A page fails (exit status 1, one line per problem naming the page) when
   the page source, a MathJax error (`mjx-merror`), or raw TeX (`$$`, `\\[`, `\\(`,
   `\\begin{`) left in the visible text;
 * a mermaid diagram was not turned into an SVG, or mermaid drew its error diagram;
+* a markdown table is visible as text (a `|---|` separator row outside code), as
+  happens when myst-nb renders a cell's markdown output as CommonMark;
 * a notebook output shows an error (myst-nb's `output traceback` block, or a
   Python traceback in any output);
 * the page (or any page of the site, checked statically) loads a script, style
@@ -47,6 +49,8 @@ VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "met
 # Elements whose text is code, markup or machinery, not prose a reader sees as TeX.
 NO_PROSE = {"script", "style", "noscript", "template", "textarea", "pre", "code", "kbd", "samp", "mjx-container", "svg", "math"}
 RAW_TEX = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{")
+# A markdown table's separator row left as text (`|---|---|`; Sphinx turns `---` into an em dash).
+RAW_TABLE = re.compile(r"\|\s*:?(?:-{3,}|\u2014|\u2013):?\s*\|")
 CONSOLE = re.compile(r":CONSOLE[^\]]*\] \"(?P<msg>.*)\", source: (?P<src>\S*)(?: \(\d+\))?\s*$")
 
 
@@ -285,6 +289,13 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
         prose = visible_prose(dom)
         snippet = " ".join(prose[max(0, raw.start() - 40): raw.end() + 40].split())
         problems.append(f"raw TeX visible: ...{snippet}...")
+
+    # Tables: a markdown output rendered as text shows its pipes instead of a table.
+    raw_table = RAW_TABLE.search(visible_prose(dom))
+    if raw_table:
+        prose = visible_prose(dom)
+        snippet = " ".join(prose[max(0, raw_table.start() - 60): raw_table.end() + 20].split())
+        problems.append(f"raw markdown table visible: ...{snippet}...")
 
     # Mermaid.
     drawn = 0
