@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS ?= requirements.txt
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data book browser test test-cold test-lower-bounds unit notebooks lint-workflows check-pages benchmark clean
+.PHONY: setup data models book browser test test-cold test-lower-bounds unit notebooks lint-workflows check-pages benchmark clean
 
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ $(VENDOR_STAMP): scripts/fetch_vendor.py
 # (cheap: executed notebooks come from jupyter-cache), so a notebook that failed is executed
 # again and fails the build every time, not only the first.
 JUPYTER_CACHE := _build/.jupyter_cache
-book: data $(VENDOR_STAMP)
+book: data models $(VENDOR_STAMP)
 	$(BIN)/python scripts/book_cache.py $(JUPYTER_CACHE)
 	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/jupyter-book build . -W -n --keep-going --all
 
@@ -49,12 +49,17 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	  { echo "Chromium is missing: sudo apt-get install -y chromium"; exit 1; }
 
+# The models the chapters reuse (chapter 1's LSTMs, the GPT, BERT, the translator), trained once
+# per code version with every core, one after another; the notebooks then load them.
+models: data
+	$(BIN)/python -m lmpg_utils models
+
 unit: data
 	$(BIN)/python -m pytest -q tests
 
 # Two notebooks run at once on a 2-core machine: one thread each, or OpenMP threads
 # spin against each other and training slows down many times over.
-notebooks: data
+notebooks: data models
 	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
 
 test: unit lint-workflows notebooks
@@ -73,10 +78,12 @@ test-cold: data
 	parsed=$$(date +%s); \
 	LMPG_CACHE_DIR=$$cache $(MAKE) --no-print-directory unit || exit 1; \
 	unit=$$(date +%s); \
+	LMPG_CACHE_DIR=$$cache $(MAKE) --no-print-directory models || exit 1; \
+	models=$$(date +%s); \
 	LMPG_CACHE_DIR=$$cache $(MAKE) --no-print-directory notebooks || exit 1; \
 	end=$$(date +%s); \
 	echo "test-cold (seed $${LMPG_SEED:-0}): parse corpora $$((parsed - start)) s, unit tests $$((unit - parsed)) s," \
-	  "notebooks $$((end - unit)) s, total $$((end - start)) s"
+	  "models $$((models - unit)) s, notebooks $$((end - models)) s, total $$((end - start)) s"
 
 # A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s); always exits 0.
 benchmark: data

@@ -1,9 +1,11 @@
-"""Command line: ``python -m lmpg_utils data`` and ``python -m lmpg_utils run EXPERIMENT``."""
+"""Command line: ``python -m lmpg_utils data``, ``python -m lmpg_utils models`` and
+``python -m lmpg_utils run EXPERIMENT``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import corpora
@@ -14,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="report (and with --install, install) the corpora")
     data.add_argument("--install", action="store_true", help="apt-get install missing Debian data packages when root")
+
+    models = commands.add_parser(
+        "models", help="train, once per code version, the models the chapters reuse (loads them when cached)"
+    )
+    models.add_argument("--profile", choices=("quick", "full"), default=None)
+    models.add_argument("--seed", type=int, default=None, help="default: LMPG_SEED, else 0")
 
     run = commands.add_parser("run", help="run a chapter's main experiment; the last line printed is JSON")
     run.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -33,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                 if done:
                     print(f"installed Debian package {name}")
         return corpora.data_report()
+    if args.command == "models":
+        seed = args.seed if args.seed is not None else int(os.environ.get("LMPG_SEED", "0"))
+        for name, seconds in train_models(args.profile, seed).items():
+            print(f"{name}: {seconds:.0f} s")
+        return 0
     if args.experiment == "pg":
         from .policy_gradient import ESTIMATORS
 
@@ -41,6 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     result = EXPERIMENTS[args.experiment](args)
     print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def train_models(profile: str | None, seed: int) -> dict[str, float]:
+    """Train (or load) chapter 1's LSTMs, chapter 2's GPT, chapter 3's BERT and chapter 4's
+    translator with every core, one after another, so that the notebooks only load them.
+    Returns the seconds each step took."""
+    import time
+
+    from . import runtime
+    from .experiments import bert, gpt, language_models, policy_gradient
+
+    runtime.set_threads()
+    seconds = {}
+    steps = {
+        "chapter 1 LSTM and cloze models": lambda: language_models.run_language_models(profile=profile, seed=seed),
+        "chapter 2 GPT": lambda: gpt.run_gpt(profile=profile, seed=seed),
+        "chapter 3 BERT": lambda: bert.run_bert(profile=profile, seed=seed),
+        "chapter 4 translator (MLE start)": lambda: policy_gradient.prepare(
+            policy_gradient.get_config(profile), progress=True
+        ),
+    }
+    for name, step in steps.items():
+        began = time.perf_counter()
+        step()
+        seconds[name] = time.perf_counter() - began
+        print(f"{name}: ready after {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+    return seconds
 
 
 def _run_language_models(args: argparse.Namespace) -> dict:

@@ -545,14 +545,26 @@ def _to_device(batch: PretrainingBatch, device: torch.device) -> PretrainingBatc
 # Evaluation
 
 
+MLM_KINDS: tuple[str, ...] = ("masked", "random", "kept")
+
+
 @torch.no_grad()
 def evaluate_pretraining(
-    model: BertModel, data: EncodedBatch, special: SpecialIds, seed: int = 1234, batch_size: int = 256
+    model: BertModel,
+    data: EncodedBatch,
+    special: SpecialIds,
+    seed: int = 1234,
+    batch_size: int = 256,
+    baseline_token: int | None = None,
 ) -> dict[str, float | int]:
     """Held-out MLM accuracy (over chosen positions, with a fixed masking seed) and NSP accuracy.
 
-    Also returns ``mlm_labels`` (the number of scored positions) and, for the
-    baselines, ``nsp_majority`` (accuracy of always answering the majority class).
+    Also returns ``mlm_labels`` (the number of scored positions), ``nsp_majority``
+    (accuracy of always answering the majority class), and per kind of chosen position
+    (``masked``: the input shows ``[MASK]``; ``random``: a different token; ``kept``:
+    the original token, including random draws that hit it) ``mlm_accuracy_KIND`` and
+    ``mlm_count_KIND``; with ``baseline_token``, ``mlm_baseline_KIND`` is the accuracy of
+    always guessing that token.
     """
     if data.labels is None:
         raise ValueError("the evaluation pairs need labels (is_next)")
@@ -560,6 +572,7 @@ def evaluate_pretraining(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     mlm_right = mlm_total = nsp_right = 0
+    by_kind = {k: [0, 0, 0] for k in MLM_KINDS}  # right, count, baseline right
     predictions: list[Tensor] = []
     targets: list[Tensor] = []
     for start in range(0, len(data), batch_size):
@@ -568,19 +581,34 @@ def evaluate_pretraining(
         hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
         chosen = batch.mlm_labels != IGNORE_INDEX
         guess = model.mlm_logits(hidden[chosen]).argmax(-1)
-        mlm_right += int((guess == batch.mlm_labels[chosen]).sum())
+        gold = batch.mlm_labels[chosen]
+        mlm_right += int((guess == gold).sum())
         mlm_total += int(chosen.sum())
+        shown = batch.ids[chosen]
+        kinds = {"masked": shown == special.mask, "kept": shown == gold}
+        kinds["random"] = ~(kinds["masked"] | kinds["kept"])
+        for kind, where in kinds.items():
+            by_kind[kind][0] += int((guess[where] == gold[where]).sum())
+            by_kind[kind][1] += int(where.sum())
+            if baseline_token is not None:
+                by_kind[kind][2] += int((gold[where] == baseline_token).sum())
         predictions.append(guess.cpu())
         targets.append(batch.mlm_labels[chosen].cpu())
         nsp_right += int((model.nsp_logits(hidden).argmax(-1) == batch.nsp_labels).sum())
     is_next = data.labels.float().mean().item()
-    return {
+    out: dict[str, float | int] = {
         "mlm_accuracy": mlm_right / max(1, mlm_total),
         "mlm_labels": mlm_total,
         "nsp_accuracy": nsp_right / len(data),
         "nsp_majority": max(is_next, 1 - is_next),
         "pairs": len(data),
     }
+    for kind, (right, count, base) in by_kind.items():
+        out[f"mlm_accuracy_{kind}"] = right / max(1, count)
+        out[f"mlm_count_{kind}"] = count
+        if baseline_token is not None:
+            out[f"mlm_baseline_{kind}"] = base / max(1, count)
+    return out
 
 
 def masked_targets(data: EncodedBatch, special: SpecialIds, seed: int = 1234, batch_size: int = 256) -> Tensor:

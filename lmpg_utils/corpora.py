@@ -1,6 +1,6 @@
 """Real corpora, read at run time from the Debian packages that install them.
 
-Two corpora back the book:
+Three corpora back the book:
 
 * **German-English sentence pairs** from the Ding dictionary (Debian ``trans-de-en``,
   GPL-2+, file ``/usr/share/trans/de-en``). The dictionary is not redistributed here:
@@ -10,6 +10,9 @@ Two corpora back the book:
   ``.conf`` (``engWEB2015eb`` on Debian 12, ``engweb2025eb`` later, whose lower-case
   ``DataPath`` is matched case-insensitively). Verses keep their book, chapter and
   verse ids, in canonical order, so consecutive verses are true next sentences.
+* **Spanish** from the Reina-Valera 1909 (Debian ``sword-text-sparv``, public domain,
+  module ``spaRV1909eb``), read like the WEB and aligned with it verse by verse
+  (:func:`load_verse_pairs`) for chapter 4's translation task.
 
 Parsed corpora are cached as JSON in a user cache directory (``LMPG_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/lmpg``, else ``~/.cache/lmpg``), keyed by a checksum of the source
@@ -37,11 +40,17 @@ from .caching import cache_dir
 DING_PATH = Path("/usr/share/trans/de-en")
 SWORD_ROOT = Path("/usr/share/sword")
 WEB_MODULE_PATTERN = r"engweb\d{4}eb"  # engWEB2015eb on Debian 12, engweb2025eb later
+SPANISH_MODULE_PATTERN = r"sparv\d{4}eb"  # spaRV1909eb: Reina-Valera 1909
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.90, 0.05, 0.05)
 PARSER_VERSION = "2"
 
-DEBIAN_PACKAGES = {"ding": "trans-de-en", "web": "sword-text-web"}
+DEBIAN_PACKAGES = {"ding": "trans-de-en", "web": "sword-text-web", "rv1909": "sword-text-sparv"}
+# name -> (module name pattern, conf Abbreviation, Debian package)
+BIBLES = {
+    "web": (WEB_MODULE_PATTERN, "WEB", DEBIAN_PACKAGES["web"]),
+    "rv1909": (SPANISH_MODULE_PATTERN, "RV1909", DEBIAN_PACKAGES["rv1909"]),
+}
 
 
 class DataMissingError(FileNotFoundError):
@@ -59,7 +68,7 @@ def install_command(*packages: str) -> str:
 
 
 def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
-    """Make sure both corpora are installed.
+    """Make sure every corpus (Ding, the WEB, the Reina-Valera 1909) is installed.
 
     When a package is missing and we are root on a Debian/Ubuntu system (CI, Colab),
     install it with apt-get. Otherwise raise :class:`DataMissingError` naming the exact
@@ -68,10 +77,11 @@ def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
     missing = []
     if not DING_PATH.is_file():
         missing.append(DEBIAN_PACKAGES["ding"])
-    try:
-        _web_paths(SWORD_ROOT)
-    except DataMissingError:
-        missing.append(DEBIAN_PACKAGES["web"])
+    for bible in BIBLES:
+        try:
+            _bible_paths(SWORD_ROOT, bible)
+        except DataMissingError:
+            missing.append(BIBLES[bible][2])
     installed = {name: False for name in DEBIAN_PACKAGES.values()}
     if not missing:
         return installed
@@ -297,6 +307,12 @@ def load_translation_pairs(
 # World English Bible: ordered verses
 
 
+def chapter_split(book: str, chapter: int) -> str:
+    """The split of a Bible chapter: the same for every Bible, so a held-out chapter is
+    held out in every chapter of the book."""
+    return split_of(f"web:{book}:{chapter}")
+
+
 @dataclass(frozen=True)
 class Verse:
     """One verse with its canonical position. ``index`` is its rank in canonical order."""
@@ -310,7 +326,7 @@ class Verse:
     @property
     def split(self) -> str:
         """Split by chapter, so the verses of one chapter (and its NSP pairs) stay together."""
-        return split_of(f"web:{self.book}:{self.chapter}")
+        return chapter_split(self.book, self.chapter)
 
 
 _NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.DOTALL)
@@ -397,17 +413,24 @@ def find_sword_module(
     return conf, data, name
 
 
-def _web_paths(sword_root: Path) -> tuple[Path, Path]:
-    """The World English Bible's conf and data directory (``engWEB2015eb``, ``engweb2025eb``, ...)."""
-    conf, data, _ = find_sword_module(sword_root, WEB_MODULE_PATTERN, "WEB", DEBIAN_PACKAGES["web"])
+def _bible_paths(sword_root: Path, bible: str = "web") -> tuple[Path, Path]:
+    """A Bible's conf and data directory: ``web`` (``engWEB2015eb``, ``engweb2025eb``, ...)
+    or ``rv1909`` (``spaRV1909eb``)."""
+    if bible not in BIBLES:
+        raise ValueError(f"unknown Bible {bible!r}; known: {', '.join(BIBLES)}")
+    conf, data, _ = find_sword_module(sword_root, *BIBLES[bible])
     return conf, data
 
 
-def read_bible_verses(sword_root: Path | str = SWORD_ROOT) -> list[Verse]:
-    """Read every non-empty verse of the WEB in canonical order with ``pysword`` (slow; cached by the loader)."""
+def _web_paths(sword_root: Path) -> tuple[Path, Path]:
+    return _bible_paths(sword_root, "web")
+
+
+def read_bible_verses(sword_root: Path | str = SWORD_ROOT, bible: str = "web") -> list[Verse]:
+    """Read every non-empty verse of a Bible in canonical order with ``pysword`` (slow; cached by the loader)."""
     from pysword.bible import SwordBible  # imported lazily: only needed when the cache is cold
 
-    conf, data = _web_paths(Path(sword_root))
+    conf, data = _bible_paths(Path(sword_root), bible)
     versification = "default"
     for line in conf.read_text(encoding="utf-8").splitlines():
         if line.startswith("Versification="):
@@ -427,17 +450,60 @@ def read_bible_verses(sword_root: Path | str = SWORD_ROOT) -> list[Verse]:
     return verses
 
 
-def load_bible_verses(split: str | None = None, sword_root: Path | str = SWORD_ROOT) -> list[Verse]:
-    """WEB verses in canonical order (cached), optionally one split."""
+def load_bible_verses(
+    split: str | None = None, sword_root: Path | str = SWORD_ROOT, bible: str = "web"
+) -> list[Verse]:
+    """A Bible's verses in canonical order (cached), optionally one split.
+
+    ``bible`` is ``web`` (the World English Bible, chapters 1-3) or ``rv1909`` (the
+    Reina-Valera 1909, the Spanish side of chapter 4). Splits are by chapter and the
+    same for both, so a held-out chapter is held out in every chapter of the book.
+    """
     if split is not None:
         check_split(split)
-    conf, data = _web_paths(Path(sword_root))
+    conf, data = _bible_paths(Path(sword_root), bible)
     files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
-    rows = _cached("web", checksum(files), lambda: [asdict(v) for v in read_bible_verses(sword_root)])
+    rows = _cached(bible, checksum(files), lambda: [asdict(v) for v in read_bible_verses(sword_root, bible)])
     verses = [Verse(**row) for row in rows]
     if split is not None:
         verses = [v for v in verses if v.split == split]
     return verses
+
+
+@dataclass(frozen=True)
+class VersePair:
+    """A Spanish verse (Reina-Valera 1909) and the English verse (WEB) with the same reference."""
+
+    book: str
+    chapter: int
+    verse: int
+    es: str
+    en: str
+
+    split = property(lambda self: chapter_split(self.book, self.chapter), doc="The WEB verse's split.")
+
+
+def load_verse_pairs(
+    split: str | None = None, max_words: int | None = None, sword_root: Path | str = SWORD_ROOT
+) -> list[VersePair]:
+    """Spanish-English verse pairs aligned by (book, chapter, verse), in canonical order.
+
+    Every reference present (non-empty) in both Bibles gives a pair; ``max_words``
+    keeps pairs with at most that many words on both sides. The WEB is not translated
+    from the Reina-Valera (both go back to the original languages), so a reference is
+    a looser translation than in a translation corpus.
+    """
+    if max_words is not None and max_words < 1:
+        raise ValueError(f"max_words must be positive, got {max_words}")
+    english = {(v.book, v.chapter, v.verse): v.text for v in load_bible_verses(split, sword_root)}
+    pairs = [
+        VersePair(v.book, v.chapter, v.verse, v.text, english[(v.book, v.chapter, v.verse)])
+        for v in load_bible_verses(split, sword_root, "rv1909")
+        if (v.book, v.chapter, v.verse) in english
+    ]
+    if max_words is not None:
+        pairs = [p for p in pairs if len(p.es.split()) <= max_words and len(p.en.split()) <= max_words]
+    return pairs
 
 
 # ---------------------------------------------------------------------------------
@@ -455,13 +521,14 @@ def data_report(stream=None) -> int:
     except DataMissingError as error:
         print(f"ding: MISSING. {error}", file=stream)
         status = 1
-    try:
-        verses = load_bible_verses(sword_root=SWORD_ROOT)
-        conf, data = _web_paths(SWORD_ROOT)
-        counts = {s: sum(v.split == s for v in verses) for s in SPLITS}
-        files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
-        print(f"web: {data} sha256={checksum(files)[:16]} verses={len(verses)} {counts}", file=stream)
-    except DataMissingError as error:
-        print(f"web: MISSING. {error}", file=stream)
-        status = 1
+    for bible in BIBLES:
+        try:
+            verses = load_bible_verses(sword_root=SWORD_ROOT, bible=bible)
+            conf, data = _bible_paths(SWORD_ROOT, bible)
+            counts = {s: sum(v.split == s for v in verses) for s in SPLITS}
+            files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
+            print(f"{bible}: {data} sha256={checksum(files)[:16]} verses={len(verses)} {counts}", file=stream)
+        except DataMissingError as error:
+            print(f"{bible}: MISSING. {error}", file=stream)
+            status = 1
     return status

@@ -45,6 +45,59 @@ def bucketed_batches(
                 yield out
 
 
+DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
+
+
+def warmup_decay(warmup_steps: int, total_steps: int, decay: str = "cosine") -> Callable[[int], float]:
+    """Multiplier for the learning rate: linear warm-up, then ``decay``.
+
+    ``cosine`` decays to 0.1 of the peak, ``linear`` to zero at ``total_steps`` (the
+    better choice for a fixed, short budget), ``constant`` stays at the peak.
+    """
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+    if decay == "cosine":
+        return warmup_cosine(warmup_steps, total_steps)
+    if warmup_steps < 0 or total_steps <= 0:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        return max(0.0, 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (``fp32`` or ``bf16``) on a device type; None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 was requested but this GPU does not support it")
+    return torch.bfloat16
+
+
+def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Element-wise mean of state dicts with the same keys (checkpoint averaging), in each tensor's dtype."""
+    if not states:
+        raise ValueError("no states to average")
+    keys = set(states[0])
+    if any(set(s) != keys for s in states):
+        raise ValueError("the state dicts to average have different keys")
+    averaged = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            averaged[key] = (sum(s[key].double() for s in states) / len(states)).to(first.dtype)
+        else:
+            averaged[key] = first.clone()
+    return averaged
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     """Multiplier for the learning rate: linear warm-up, then cosine decay to ``min_ratio``."""
     if warmup_steps < 0 or total_steps <= 0:
@@ -103,18 +156,26 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     description: str = "train",
+    decay: str = "cosine",
+    precision: str = "fp32",
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainHistory:
-    """Train ``model`` on ``batches`` with AdamW, warm-up + cosine schedule and clipping.
+    """Train ``model`` on ``batches`` with AdamW, warm-up + decay schedule and clipping.
 
     ``loss_fn(model, batch)`` returns ``(mean loss, number of items)`` where items are
     what throughput counts (tokens, sentences). Stops after ``max_steps`` or
     ``time_budget_s`` seconds. ``eval_fn(model)`` runs every ``eval_every`` steps and
-    at the end, in eval mode; its values are recorded in the history.
+    at the end, in eval mode; its values are recorded in the history. ``decay`` is a
+    schedule of :func:`warmup_decay`; ``precision="bf16"`` runs the forward pass under
+    bfloat16 autocast (weights, gradients and optimizer state stay fp32).
+    ``on_step(step, model)`` runs after every update (snapshots for averaging).
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
+    device_type = next(model.parameters()).device.type
+    amp_dtype = autocast_dtype(precision, device_type)
     optimizer = optimizer or make_optimizer(model, lr, weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, max_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(warmup_steps, max_steps, decay))
     history = TrainHistory()
     start = time.perf_counter()
     eval_time = 0.0
@@ -136,7 +197,8 @@ def train(
     step = 0
     for step in range(1, max_steps + 1):
         batch = next(batches)
-        loss, items = loss_fn(model, batch)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, items = loss_fn(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -148,6 +210,8 @@ def train(
         history.steps.append(step)
         history.losses.append(loss.item())
         history.items += int(items)
+        if on_step is not None:
+            on_step(step, model)
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -1,11 +1,12 @@
-"""German-to-English translation with the encoder-decoder: data preparation and the MLE recipe.
+"""Translation with the encoder-decoder: data preparation and the MLE recipe.
 
 * :func:`frequent_word_subset` picks the easier pairs (short, only frequent words) that
   a CPU-sized model can learn in minutes.
-* :func:`train_tokenizer` learns one BPE vocabulary for German and English (the model
+* :func:`train_tokenizer` learns one BPE vocabulary for both languages (the model
   shares its embedding table between the two sides).
 * :class:`EncodedPairs` holds token ids; :meth:`EncodedPairs.batches` yields shuffled
-  padded batches forever.
+  padded batches of a number of pairs forever, :meth:`EncodedPairs.token_batches`
+  batches of about a number of target tokens.
 * :func:`mle_loss` is maximum likelihood with teacher forcing and label smoothing.
 * :func:`translate_texts` decodes a list of German sentences into English strings.
 
@@ -86,10 +87,12 @@ class EncodedPairs:
     source_texts: list[str]
     reference_texts: list[str]
     pad_id: int
+    dropped: int = 0
 
     @classmethod
     def build(cls, tokenizer: BPETokenizer, pairs: Sequence[tuple[str, str]], max_tokens: int = 64) -> "EncodedPairs":
-        """Encode ``(de, en)`` pairs; pairs longer than ``max_tokens`` on either side are dropped."""
+        """Encode ``(source, target)`` pairs; pairs longer than ``max_tokens`` on either side
+        are dropped and counted in ``dropped``."""
         if not pairs:
             raise ValueError("no pairs to encode")
         empty = [i for i, (de, en) in enumerate(pairs) if not de.strip() or not en.strip()]
@@ -104,6 +107,7 @@ class EncodedPairs:
             [pairs[i][0] for i in keep],
             [pairs[i][1] for i in keep],
             tokenizer.pad_id,
+            len(pairs) - len(keep),
         )
 
     def __len__(self) -> int:
@@ -126,6 +130,34 @@ class EncodedPairs:
             pad_batch([self.targets[i] for i in indices], self.pad_id),
             indices,
         )
+
+    def token_batches(self, max_tokens: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
+        """Shuffled batches forever, each holding about ``max_tokens`` padded target tokens.
+
+        Pairs of similar target length share a batch (sorted within chunks of the
+        shuffled order), so little of each batch is padding, and every batch carries
+        about the same number of tokens whatever the sentence lengths.
+        """
+        longest = max(len(t) for t in self.targets)
+        if max_tokens < longest:
+            raise ValueError(f"max_tokens={max_tokens} is below the longest target ({longest} tokens)")
+        while True:
+            order = torch.randperm(len(self), generator=generator).tolist()
+            chunk = max(1, 100 * max_tokens // longest)
+            for start in range(0, len(order), chunk):
+                block = sorted(order[start : start + chunk], key=lambda i: (len(self.targets[i]), len(self.sources[i])))
+                groups, current, width = [], [], 0
+                for i in block:
+                    width_with = max(width, len(self.targets[i]))
+                    if current and width_with * (len(current) + 1) > max_tokens:
+                        groups.append(current)
+                        current, width_with = [], len(self.targets[i])
+                    current.append(i)
+                    width = width_with
+                if current:
+                    groups.append(current)
+                for g in torch.randperm(len(groups), generator=generator).tolist():
+                    yield self.batch(groups[g])
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
         """Shuffled batches forever (a new permutation every epoch, from ``generator``)."""

@@ -206,3 +206,20 @@ def test_pretraining_overfits_a_tiny_batch_and_finetuning_runs():
     labelled = bert.encode_single(a, SPECIAL, max_len=16, labels=[i % 2 for i in range(8)])
     bert.fine_tune(classifier, labelled, steps=60, batch_size=8, lr=3e-3)
     assert bert.classifier_accuracy(classifier, labelled) == 1.0
+
+
+def test_mlm_accuracy_by_kind_of_position_adds_up():
+    torch.manual_seed(0)
+    model = bert.BertModel(TransformerConfig(vocab_size=SPECIAL.vocab_size, d_model=16, num_heads=2, num_layers=1,
+                                             d_ff=32, max_len=40, num_segments=2))
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randint(5, SPECIAL.vocab_size, (15,), generator=g).tolist() for _ in range(200)]
+    data = bert.encode_pairs(a, a, SPECIAL, max_len=40, labels=[i % 2 == 0 for i in range(200)])
+    scores = bert.evaluate_pretraining(model, data, SPECIAL, baseline_token=7)
+    counts = {k: scores[f"mlm_count_{k}"] for k in bert.MLM_KINDS}
+    assert sum(counts.values()) == scores["mlm_labels"] > 500
+    assert abs(counts["masked"] / scores["mlm_labels"] - 0.8) < 0.05
+    assert abs(counts["random"] / scores["mlm_labels"] - 0.1) < 0.04  # a random draw may hit the original
+    right = sum(scores[f"mlm_accuracy_{k}"] * counts[k] for k in bert.MLM_KINDS)
+    assert abs(right / scores["mlm_labels"] - scores["mlm_accuracy"]) < 1e-9
+    assert all(0 <= scores[f"mlm_baseline_{k}"] <= 1 for k in bert.MLM_KINDS)

@@ -204,3 +204,25 @@ def test_missing_web_module_names_the_install_command(tmp_path):
     _fake_sword_module(tmp_path, "engWEB2015eb", "./modules/texts/ztext/elsewhere/", "engWEB2015eb")
     with pytest.raises(corpora.DataMissingError):
         corpora._web_paths(tmp_path)
+
+
+def test_real_verse_pairs_align_spanish_and_english():
+    pairs = corpora.load_verse_pairs()
+    assert len(pairs) > 30000
+    first = pairs[0]
+    assert (first.book, first.chapter, first.verse) == ("Genesis", 1, 1)
+    assert "principio" in first.es and first.en.startswith("In the beginning")
+    short = corpora.load_verse_pairs("test", max_words=20)
+    assert short and all(p.split == "test" and len(p.es.split()) <= 20 >= len(p.en.split()) for p in short)
+    english = {(v.book, v.chapter, v.verse): v.split for v in corpora.load_bible_verses()}
+    assert all(english[(p.book, p.chapter, p.verse)] == p.split for p in pairs[::500])  # same splits as ch. 1-3
+    with pytest.raises(ValueError, match="max_words"):
+        corpora.load_verse_pairs(max_words=0)
+
+
+def test_missing_spanish_bible_names_its_package(tmp_path):
+    (tmp_path / "mods.d").mkdir()
+    with pytest.raises(corpora.DataMissingError, match="sword-text-sparv"):
+        corpora.load_bible_verses(sword_root=tmp_path, bible="rv1909")
+    with pytest.raises(ValueError, match="unknown Bible"):
+        corpora.load_bible_verses(sword_root=tmp_path, bible="kjv")

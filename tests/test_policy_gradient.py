@@ -111,13 +111,14 @@ def test_baseline_lowers_toy_variance():
 
 
 def test_experiment_config_and_bad_estimator():
-    from lmpg_utils.experiments.policy_gradient import QUICK, PGConfig, control_steps, run_policy_gradient
+    from lmpg_utils.experiments.policy_gradient import QUICK, PGConfig, run_policy_gradient
 
     with pytest.raises(ValueError, match="weak_step"):
         PGConfig(mle_steps=10, weak_step=10)
     with pytest.raises(ValueError, match="mle_mix"):
         PGConfig(mle_mix=-1.0)
-    assert control_steps(QUICK) == round(QUICK.pg_steps * QUICK.control_steps_per_pg_step)
+    with pytest.raises(ValueError, match="token budgets"):
+        PGConfig(mle_batch_tokens=10)
     # the MLE start's cache key ignores fine-tuning settings but not model settings
     assert PGConfig(pg_lr=0.5).start_key() == QUICK.start_key() != PGConfig(d_model=64).start_key()
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -130,3 +131,36 @@ def test_cli_rejects_unknown_estimator(capsys):
     with pytest.raises(SystemExit):
         main(["run", "pg", "--estimator", "ppo"])
     assert "none, moving-average, self-critical, leave-one-out" in capsys.readouterr().err
+
+
+def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
+    """A tiny config trained from scratch on the real verse pairs: start (cached), PG, the
+    equal-time control; nothing is loaded from a cache the test did not write."""
+    import dataclasses
+    import shutil
+
+    from lmpg_utils import caching, corpora
+    from lmpg_utils.experiments import policy_gradient as pgx
+
+    corpora.load_verse_pairs("train", 8)  # parse the Bibles into the normal cache first
+    for parsed in caching.cache_dir().glob("*.json"):  # reuse the parsed corpora, never a trained model
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    tiny = dataclasses.replace(
+        pgx.QUICK, train_words=6, eval_words=6, vocab_size=300, d_model=32, num_heads=2, num_layers=1, d_ff=64,
+        max_tokens=24, mle_steps=12, mle_batch_tokens=400, mle_warmup=2, weak_step=4, average_last=2,
+        max_len=12, pg_steps=2, pg_batch=4, samples=2, eval_every=1, valid_sources=8, control_batch_tokens=400,
+    )
+    setup = pgx.prepare(tiny)
+    assert not setup.cached and len(setup.mle_history["losses"]) == tiny.mle_steps
+    assert setup.mle_history["averaged_steps"] == [11, 12]  # evenly over the last fifth
+    again = pgx.prepare(tiny)
+    assert again.cached
+    assert all(torch.equal(again.start_state[k], v) for k, v in setup.start_state.items())
+    model, history = pgx.fine_tune(setup, "leave-one-out", tiny.pg_steps, seed=0)
+    assert history.steps == [0, 1, 2] and len(history.valid_reward) == 3
+    control, control_history = pgx.continue_mle(setup, seconds=max(history.total_seconds, 0.5), seed=0)
+    assert control_history.steps[-1] >= 1
+    assert control_history.total_seconds >= max(history.total_seconds, 0.5)
+    result = pgx.evaluate(model, setup, "valid")
+    assert 0.0 <= result.bleu <= 100.0 and len(result.hypotheses) == len(setup.valid)

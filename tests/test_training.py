@@ -210,3 +210,51 @@ def test_sample_verses_and_attention_weights():
         GPTExperimentConfig(d_model=30, num_heads=4)
     with pytest.raises(ValueError, match="steps must be positive"):
         GPTExperimentConfig(steps=0)
+
+
+def test_warmup_decay_linear_and_constant():
+    from lmpg_utils.training import warmup_decay
+
+    linear = warmup_decay(10, 110, "linear")
+    assert linear(0) == pytest.approx(0.1) and linear(9) == pytest.approx(1.0)
+    assert linear(60) == pytest.approx(0.5) and linear(110) == 0.0 and linear(500) == 0.0
+    constant = warmup_decay(0, 5, "constant")
+    assert constant(0) == constant(1000) == 1.0
+    with pytest.raises(ValueError, match="unknown decay"):
+        warmup_decay(1, 10, "step")
+
+
+def test_average_states_is_the_elementwise_mean():
+    from lmpg_utils.training import average_states
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(7)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
+    mean = average_states([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and mean["n"].item() == 7
+    with pytest.raises(ValueError, match="different keys"):
+        average_states([a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="no states"):
+        average_states([])
+
+
+def test_train_bf16_autocast_learns_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1)
+    batches = iter(lambda: (x, y), None)
+    seen = []
+
+    def loss_fn(m, batch):
+        out = m(batch[0])
+        seen.append(out.dtype)
+        return ((out.float() - batch[1]) ** 2).mean(), len(batch[0])
+
+    steps = []
+    history = train(model, batches, loss_fn, max_steps=150, lr=0.05, warmup_steps=5, precision="bf16",
+                    decay="linear", progress=False, on_step=lambda step, m: steps.append(step))
+    assert seen[0] == torch.bfloat16 and model.weight.dtype == torch.float32
+    assert history.losses[-1] < 0.05 * history.losses[0]
+    assert steps == list(range(1, 151))
+    with pytest.raises(ValueError, match="precision"):
+        train(model, batches, loss_fn, max_steps=1, lr=0.1, precision="fp8", progress=False)

@@ -115,3 +115,23 @@ def test_translate_texts_and_empty_sources(tokenizer, model):
         translate_texts(model, tokenizer, [], max_len=5)
     with pytest.raises(ValueError, match="empty"):
         translate(model, torch.full((2, 3), tokenizer.pad_id), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, 4)
+
+
+def test_token_batches_respect_the_budget_and_cover_an_epoch(tokenizer):
+    data = EncodedPairs.build(tokenizer, PAIRS)
+    longest = max(len(t) for t in data.targets)
+    budget = 2 * longest
+    batches = data.token_batches(budget, torch.Generator().manual_seed(0))
+    seen = []
+    while len(seen) < len(data):
+        src, tgt, idx = next(batches)
+        assert tgt.numel() <= budget and src.shape[0] == len(idx)
+        seen += idx
+    assert sorted(seen) == list(range(len(data)))  # the first epoch holds every pair once
+    with pytest.raises(ValueError, match="longest target"):
+        next(data.token_batches(longest - 1, torch.Generator()))
+
+
+def test_long_pairs_are_dropped_and_counted(tokenizer):
+    data = EncodedPairs.build(tokenizer, PAIRS, max_tokens=4)
+    assert data.dropped > 0 and len(data) + data.dropped == len(PAIRS)

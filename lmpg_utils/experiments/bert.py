@@ -17,14 +17,17 @@ Bible, then fine-tune it on a few labelled verses and compare with training from
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import bert, corpora, runtime
+from .. import bert, caching, corpora, runtime
 from ..tokenization import BPETokenizer
+from ..training import TrainHistory, save_checkpoint
 from ..transformer import TransformerConfig, count_parameters
 
 # Book groups for fine-tuning (the deuterocanonical books are left out of this task).
@@ -114,6 +117,8 @@ class BertResult:
     mlm_accuracy: float
     mlm_baseline: float
     mlm_scored: int
+    mlm_by_kind: dict[str, dict[str, float]]
+    pretrain_cached: bool
     nsp_accuracy: float
     nsp_eval_pairs: int
     nsp_baseline: float
@@ -142,6 +147,8 @@ class BertResult:
             "parameters": self.parameters,
             "mlm_accuracy": round(self.mlm_accuracy, 4),
             "mlm_baseline": round(self.mlm_baseline, 4),
+            "mlm_by_kind": self.mlm_by_kind,
+            "pretrain_cached": self.pretrain_cached,
             "nsp_accuracy": round(self.nsp_accuracy, 4),
             "nsp_eval_pairs": self.nsp_eval_pairs,
             "nsp_baseline": round(self.nsp_baseline, 4),
@@ -237,16 +244,13 @@ def run_bert(
     )
     top_token, _ = bert.most_frequent_token(data.ids, special)  # specials (padding) are not counted
 
-    torch.manual_seed(seed)
-    model = bert.BertModel(config.model_config(len(tokenizer))).to(device)
-    began = time.perf_counter()
-    history = bert.pretrain(
-        model, data, special, steps=config.pretrain_steps, batch_size=config.batch_size, lr=config.lr,
-        warmup_steps=config.warmup_steps, seed=seed, progress=progress,
-    )
-    pretrain_seconds = time.perf_counter() - began
+    model, history, pretrain_seconds, cached = _pretrained(config, profile, seed, tokenizer, data, special, device,
+                                                          progress)
 
-    scores = bert.evaluate_pretraining(model, eval_data, special, seed=seed + 2)
+    scores = bert.evaluate_pretraining(model, eval_data, special, seed=seed + 2, baseline_token=top_token)
+    mlm_by_kind = {kind: {"accuracy": float(scores[f"mlm_accuracy_{kind}"]),
+                          "baseline": float(scores[f"mlm_baseline_{kind}"]),
+                          "count": int(scores[f"mlm_count_{kind}"])} for kind in bert.MLM_KINDS}
     targets = bert.masked_targets(eval_data, special, seed=seed + 2)
     mlm_baseline = float((targets == top_token).float().mean())
 
@@ -289,6 +293,8 @@ def run_bert(
         mlm_accuracy=float(scores["mlm_accuracy"]),
         mlm_baseline=mlm_baseline,
         mlm_scored=int(scores["mlm_labels"]),
+        mlm_by_kind=mlm_by_kind,
+        pretrain_cached=cached,
         nsp_accuracy=float(scores["nsp_accuracy"]),
         nsp_eval_pairs=len(eval_data),
         nsp_baseline=float(scores["nsp_majority"]),
@@ -308,6 +314,39 @@ def run_bert(
         tokenizer=tokenizer,
         special=special,
     )
+
+
+def _pretrained(config, profile, seed, tokenizer, data, special, device, progress):
+    """The pre-trained BERT: loaded when this config, seed, tokenizer and code trained it
+    before, else trained now and cached. Returns (model, history, seconds, cached)."""
+    key = caching.artifact_key("ch3-bert", dict(asdict(config), profile=profile,
+                                                tokenizer=hashlib.sha256(tokenizer.to_str().encode()).hexdigest()), seed)
+    path = caching.artifact_path(key)
+    model = bert.BertModel(config.model_config(len(tokenizer))).to(device)
+    with caching.exclusive(path):
+        stored = caching.load_current(path, key)
+        if stored is not None:
+            model.load_state_dict(stored["state_dict"])
+            record = json.loads(stored["extra"]["history"])
+            history = TrainHistory(**{k: v for k, v in record.items() if k not in ("mlm_losses", "nsp_losses")})
+            history.mlm_losses, history.nsp_losses = record["mlm_losses"], record["nsp_losses"]  # type: ignore[attr-defined]
+            model.eval()
+            return model, history, float(record["pretrain_seconds"]), True
+        torch.manual_seed(seed)
+        model = bert.BertModel(config.model_config(len(tokenizer))).to(device)
+        began = time.perf_counter()
+        history = bert.pretrain(
+            model, data, special, steps=config.pretrain_steps, batch_size=config.batch_size, lr=config.lr,
+            warmup_steps=config.warmup_steps, seed=seed, progress=progress,
+        )
+        seconds = time.perf_counter() - began
+        record = {"steps": history.steps, "losses": history.losses, "eval_steps": history.eval_steps,
+                  "eval_values": history.eval_values, "eval_seconds": history.eval_seconds,
+                  "seconds": history.seconds, "items": history.items, "mlm_losses": history.mlm_losses,
+                  "nsp_losses": history.nsp_losses, "pretrain_seconds": seconds}
+        save_checkpoint(path, model, asdict(config), caching.tag({"history": json.dumps(record)}, key))
+    model.eval()
+    return model, history, seconds, False
 
 
 def _balanced_prefix(labels: list[int], per_class: int) -> list[int]:

@@ -1,21 +1,19 @@
-"""Chapter 4's experiment: fine-tune a German-English translator with REINFORCE on sentence BLEU.
+"""Chapter 4's experiment: fine-tune a Spanish-English translator with REINFORCE on sentence BLEU.
 
-:func:`prepare` builds the data (the easier subset: short pairs of frequent words), the
-BPE tokenizer and the MLE start (trained once per config, seed and code version, cached
-in ``caching.cache_dir()`` under :meth:`PGConfig.start_key`). :func:`fine_tune` continues from that start either with a
-policy-gradient estimator or with plain MLE (the control). :func:`run_policy_gradient`
-does both for one estimator and evaluates on the held-out test split.
-
-The control gets the same wall-clock time *in expectation* but, for determinism, as a
-fixed number of updates: ``control_steps = round(pg_steps * control_steps_per_pg_step)``
-where the ratio was measured once on a 2-core CPU (a PG update samples K translations per
-source, scores them and back-propagates; an MLE update is one teacher-forced pass). The
-seconds both actually took are reported next to the scores.
+The task is the verse-aligned Bible pair: the Reina-Valera 1909 (Spanish) and the World
+English Bible, aligned by book, chapter and verse (:func:`corpora.load_verse_pairs`),
+split by chapter exactly like chapters 1-3. :func:`prepare` builds the data, the BPE
+tokenizer and the MLE start: trained once per config, seed and code version and cached
+in ``caching.cache_dir()`` under :meth:`PGConfig.start_key`, with its training curve,
+its wall time and a weak early snapshot (for the reward-hacking section).
+:func:`fine_tune` continues from the start with a policy-gradient estimator;
+:func:`continue_mle` is the control, plain :func:`training.train` on the MLE loss for
+the *measured* seconds of the policy-gradient run. :func:`run_policy_gradient` does
+both for one estimator and evaluates on the held-out test split.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,8 +33,8 @@ from ..policy_gradient import (
     rollout,
 )
 from ..tokenization import BPETokenizer
-from ..training import make_optimizer, save_checkpoint, train
-from ..translation import EncodedPairs, frequent_word_subset, mle_loss, train_tokenizer, translate_texts
+from ..training import average_states, make_optimizer, save_checkpoint, train
+from ..translation import EncodedPairs, mle_loss, pad_batch, train_tokenizer, translate_texts
 from ..transformer import EncoderDecoder, TransformerConfig, count_parameters
 
 
@@ -44,66 +42,73 @@ from ..transformer import EncoderDecoder, TransformerConfig, count_parameters
 class PGConfig:
     """Everything that defines a run. Fields up to ``start_seed`` define (and key) the cached MLE start."""
 
-    max_words: int = 8
-    top_words: int = 5000
-    vocab_size: int = 2000
-    d_model: int = 128
+    train_words: int = 30
+    eval_words: int = 20
+    vocab_size: int = 8000
+    d_model: int = 256
     num_heads: int = 4
-    num_layers: int = 2
-    d_ff: int = 256
+    num_layers: int = 3
+    d_ff: int = 1024
     dropout: float = 0.1
-    max_len: int = 40
-    mle_steps: int = 500
-    mle_batch: int = 64
-    mle_lr: float = 3e-3
-    mle_warmup: int = 40
+    max_tokens: int = 96
+    mle_steps: int = 2300
+    mle_batch_tokens: int = 2500
+    mle_lr: float = 2e-3
+    mle_warmup: int = 200
+    mle_precision: str = "bf16"
+    average_last: int = 5
     label_smoothing: float = 0.1
-    weak_step: int = 100
+    weak_step: int = 300
     start_seed: int = 0
     # fine-tuning (PG and the continued-MLE control)
+    max_len: int = 60
     pg_steps: int = 40
     pg_batch: int = 16
     samples: int = 4
-    pg_lr: float = 1e-3
-    mle_mix: float = 0.05
+    pg_lr: float = 2e-4
+    mle_mix: float = 0.3
     ma_beta: float = 0.9
-    control_steps_per_pg_step: float = 1.8
-    control_batch: int = 64
-    control_lr: float = 3e-4
+    control_batch_tokens: int = 2500
+    control_lr: float = 1e-4
     reward: str = "bleu"
     eval_every: int = 20
     valid_sources: int = 200
     reward_samples: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("mle_steps", "mle_batch", "pg_steps", "pg_batch", "samples", "control_batch", "valid_sources"):
+        for name in ("mle_steps", "mle_batch_tokens", "pg_steps", "pg_batch", "samples", "control_batch_tokens",
+                     "valid_sources", "average_last", "train_words", "eval_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.weak_step < self.mle_steps:
             raise ValueError(f"weak_step must lie in (0, mle_steps), got {self.weak_step}")
         if self.mle_mix < 0:
             raise ValueError(f"mle_mix must be >= 0, got {self.mle_mix}")
+        if self.mle_batch_tokens < self.max_tokens or self.control_batch_tokens < self.max_tokens:
+            raise ValueError(f"batch token budgets must hold the longest pair ({self.max_tokens} tokens)")
+
+    def start_fields(self) -> dict:
+        """The fields that define the MLE start (those declared up to and including ``start_seed``)."""
+        names = list(PGConfig.__dataclass_fields__)
+        return {name: getattr(self, name) for name in names[: names.index("start_seed")]}
 
     def start_key(self) -> dict:
-        """The cache key of the MLE start: the fields up to ``start_seed``, the seed, torch and the code."""
-        fields = list(asdict(self).items())
-        names = [f for f, _ in fields]
-        start = dict(fields[: names.index("start_seed")])
-        start["corpus_parser"] = corpora.PARSER_VERSION
+        """The cache key of the MLE start: its fields, the seed, the corpus parser, torch and the code."""
+        start = dict(self.start_fields(), corpus_parser=corpora.PARSER_VERSION, corpus="rv1909-web")
         return caching.artifact_key("ch4-mle-start", start, self.start_seed)
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(
             vocab_size=vocab_size, d_model=self.d_model, num_heads=self.num_heads, num_layers=self.num_layers,
-            d_ff=self.d_ff, max_len=self.max_len + 2, dropout=self.dropout,
+            d_ff=self.d_ff, max_len=self.max_tokens + 2, dropout=self.dropout,
         )
 
 
 QUICK = PGConfig()
 FULL = PGConfig(
-    max_words=12, top_words=20000, vocab_size=6000, d_model=256, num_layers=3, d_ff=1024, max_len=48,
-    mle_steps=12000, mle_lr=1e-3, mle_warmup=400, weak_step=2000, pg_steps=600, pg_batch=32, samples=4,
-    eval_every=100, valid_sources=256, control_steps_per_pg_step=1.5, control_batch=64,
+    train_words=40, vocab_size=8000, d_model=512, num_heads=8, num_layers=6, d_ff=2048, max_tokens=128,
+    mle_steps=12000, mle_batch_tokens=8000, mle_lr=7e-4, mle_warmup=1000, weak_step=800, max_len=80,
+    pg_steps=300, pg_batch=32, eval_every=50, valid_sources=256, control_batch_tokens=8000,
 )
 
 
@@ -140,56 +145,71 @@ class Setup:
         return sentence_rewards(hypotheses, references, self.config.reward)
 
 
-def _split_pairs(split: str) -> list[tuple[str, str]]:
-    return [(p.de, p.en) for p in corpora.load_translation_pairs(split)]
+def load_pairs(config: PGConfig) -> dict[str, list[tuple[str, str]]]:
+    """(Spanish, English) verse pairs per split: training verses of at most ``train_words``
+    words a side, validation and test verses of at most ``eval_words``."""
+    return {
+        split: [(p.es, p.en) for p in corpora.load_verse_pairs(split, words)]
+        for split, words in (("train", config.train_words), ("valid", config.eval_words),
+                             ("test", config.eval_words))
+    }
+
+
+def train_start(
+    config: PGConfig, tokenizer: BPETokenizer, data: EncodedPairs, progress: bool = False
+) -> tuple[dict, dict, dict]:
+    """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
+    autocast where asked, and the average of ``average_last`` snapshots taken evenly over
+    the last fifth of training. Returns (averaged state, weak snapshot, history)."""
+    generator = runtime.set_seed(config.start_seed)
+    model = EncoderDecoder(config.model_config(len(tokenizer)))
+    last = config.mle_steps
+    spacing = max(1, config.mle_steps // (5 * config.average_last))
+    keep_at = {last - i * spacing for i in range(config.average_last)}
+    snapshots: dict[int, dict] = {}
+
+    def on_step(step: int, m: torch.nn.Module) -> None:
+        if step == config.weak_step or step in keep_at:
+            snapshots[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    history = train(
+        model, data.token_batches(config.mle_batch_tokens, generator),
+        lambda m, b: mle_loss(m, b[0], b[1], tokenizer.pad_id, config.label_smoothing),
+        max_steps=config.mle_steps, lr=config.mle_lr, warmup_steps=config.mle_warmup, decay="linear",
+        precision=config.mle_precision, on_step=on_step, progress=progress, description="MLE start",
+    )
+    averaged = average_states([snapshots[s] for s in sorted(keep_at)])
+    record = {"steps": history.steps, "losses": history.losses, "tokens_per_second": history.items_per_second,
+              "seconds": history.seconds, "averaged_steps": sorted(keep_at)}
+    return averaged, snapshots[config.weak_step], record
 
 
 def prepare(config: PGConfig, progress: bool = False) -> Setup:
     """Data, tokenizer and MLE start (loaded from the cache, else trained and saved)."""
-    train_all = _split_pairs("train")
-    splits = {}
-    for split in ("train", "valid", "test"):
-        pairs = train_all if split == "train" else _split_pairs(split)
-        keep = frequent_word_subset(pairs, train_all, config.max_words, config.top_words)
-        splits[split] = [pairs[i] for i in keep]
+    splits = load_pairs(config)
     key = config.start_key()
     path = caching.artifact_path(key)
     weak_path = path.with_name(path.stem + "-weak.pt")
-    data = caching.load_current(path, key)
-    weak = caching.load_current(weak_path, key) if data is not None else None
-    cached = data is not None and weak is not None
-    if cached:
-        tokenizer = BPETokenizer.from_str(data["extra"]["tokenizer"])
-        start_state, weak_state = data["state_dict"], weak["state_dict"]
-        mle_seconds, history = float(data["extra"]["seconds"]), json.loads(data["extra"]["history"])
-    else:
-        tokenizer = train_tokenizer(splits["train"], config.vocab_size)
-    encoded = {s: EncodedPairs.build(tokenizer, p, max_tokens=config.max_len) for s, p in splits.items()}
-    if not cached:
-        generator = runtime.set_seed(config.start_seed)
-        model = EncoderDecoder(config.model_config(len(tokenizer)))
-        snapshots: list[dict] = []
-
-        def snapshot(m) -> float:
-            if not snapshots:
-                snapshots.append(copy.deepcopy(m.state_dict()))
-            return 0.0
-
-        began = time.perf_counter()
-        hist = train(
-            model, encoded["train"].batches(config.mle_batch, generator),
-            lambda m, b: mle_loss(m, b[0], b[1], tokenizer.pad_id, config.label_smoothing),
-            max_steps=config.mle_steps, lr=config.mle_lr, warmup_steps=config.mle_warmup,
-            eval_fn=snapshot, eval_every=config.weak_step, progress=progress, description="MLE start",
-        )
-        mle_seconds = time.perf_counter() - began
-        history = {"steps": hist.steps, "losses": hist.losses, "tokens_per_second": hist.items_per_second}
-        start_state, weak_state = model.state_dict(), snapshots[0]
-        extra = {"tokenizer": tokenizer.to_str(), "seconds": mle_seconds, "history": json.dumps(history)}
-        save_checkpoint(weak_path, model_with(config, tokenizer, weak_state), asdict(config), caching.tag({}, key))
-        save_checkpoint(path, model, asdict(config), caching.tag(extra, key))
+    with caching.exclusive(path):
+        data = caching.load_current(path, key)
+        weak = caching.load_current(weak_path, key) if data is not None else None
+        cached = data is not None and weak is not None
+        if cached:
+            tokenizer = BPETokenizer.from_str(data["extra"]["tokenizer"])
+            start_state, weak_state = data["state_dict"], weak["state_dict"]
+            history = json.loads(data["extra"]["history"])
+        else:
+            tokenizer = train_tokenizer(splits["train"], config.vocab_size)
+        encoded = {s: EncodedPairs.build(tokenizer, p, max_tokens=config.max_tokens) for s, p in splits.items()}
+        if not cached:
+            start_state, weak_state, history = train_start(config, tokenizer, encoded["train"], progress)
+            extra = {"tokenizer": tokenizer.to_str(), "history": json.dumps(history)}
+            save_checkpoint(weak_path, model_with(config, tokenizer, weak_state), asdict(config),
+                            caching.tag({}, key))
+            save_checkpoint(path, model_with(config, tokenizer, start_state), asdict(config),
+                            caching.tag(extra, key))
     return Setup(config, tokenizer, encoded["train"], encoded["valid"], encoded["test"], start_state, weak_state,
-                 mle_seconds, history, cached)
+                 float(history["seconds"]), history, cached)
 
 
 def model_with(config: PGConfig, tokenizer: BPETokenizer, state: dict) -> EncoderDecoder:
@@ -236,8 +256,6 @@ def _validation_rollout(model: EncoderDecoder, setup: Setup, samples: int | None
     config = setup.config
     data = setup.valid.subset(range(min(len(setup.valid), config.valid_sources)))
     generator = torch.Generator().manual_seed(seed)
-    from ..translation import pad_batch
-
     src = pad_batch(data.sources, setup.tokenizer.pad_id)
     roll = rollout(model, src, data.reference_texts, setup.decode, setup.reward_fn, setup.tokenizer.bos_id,
                    setup.tokenizer.eos_id, setup.tokenizer.pad_id, samples or config.reward_samples,
@@ -263,7 +281,7 @@ class FineTuneHistory:
 
 def fine_tune(
     setup: Setup,
-    method: str,
+    estimator: str,
     steps: int,
     seed: int = 0,
     start_state: dict | None = None,
@@ -271,29 +289,26 @@ def fine_tune(
     lr: float | None = None,
     eval_every: int | None = None,
 ) -> tuple[EncoderDecoder, FineTuneHistory]:
-    """Continue from the MLE start with ``method`` = an estimator name (policy gradient) or ``"mle"``.
+    """Continue from the MLE start with policy gradient and the baseline ``estimator``.
 
-    PG updates sample ``samples`` translations for each of ``pg_batch`` training sources
-    (dropout off so the sampling policy and the differentiated policy coincide); the loss is
-    the REINFORCE surrogate plus ``mle_mix`` times the MLE loss of the same batch (the length
-    guard). The control runs the MLE recipe unchanged. Both use AdamW at a constant rate.
+    Each update samples ``samples`` translations for each of ``pg_batch`` training sources
+    (dropout off, so the sampling policy and the differentiated policy coincide); the loss
+    is the REINFORCE surrogate plus ``mle_mix`` times the MLE loss of the same batch (the
+    length guard). AdamW at a constant rate.
     """
     config = setup.config
-    is_pg = method != "mle"
-    if is_pg:
-        check_estimator(method)
+    check_estimator(estimator)
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     mix = config.mle_mix if mle_mix is None else mle_mix
-    lr = lr if lr is not None else (config.pg_lr if is_pg else config.control_lr)
     eval_every = eval_every or config.eval_every
     tok = setup.tokenizer
     model = setup.new_model(start_state)
     generator = runtime.set_seed(seed)
-    optimizer = make_optimizer(model, lr)
-    batches = setup.train.batches(config.pg_batch if is_pg else config.control_batch, generator)
+    optimizer = make_optimizer(model, lr or config.pg_lr)
+    batches = setup.train.batches(config.pg_batch, generator)
     average = MovingAverage(config.ma_beta)
-    history = FineTuneHistory(method)
+    history = FineTuneHistory(estimator)
     elapsed = 0.0
 
     def record(step: int) -> None:
@@ -305,23 +320,18 @@ def fine_tune(
     for step in range(1, steps + 1):
         began = time.perf_counter()
         src, tgt, idx = next(batches)
-        if is_pg:
-            model.eval()
-            refs = [setup.train.reference_texts[i] for i in idx]
-            roll = rollout(model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
-                           config.samples, config.max_len, greedy=method == "self-critical", generator=generator,
-                           times=history.times)
-            back = time.perf_counter()
-            b = baseline(method, roll.rewards, roll.greedy_rewards, average)
-            average.update(roll.rewards)
-            loss = reinforce_loss(policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b)
-            if mix > 0:
-                loss = loss + mix * mle_loss(model, src, tgt, tok.pad_id, config.label_smoothing)[0]
-            history.train_reward.append(float(roll.rewards.mean()))
-        else:
-            model.train()
-            back = time.perf_counter()
-            loss = mle_loss(model, src, tgt, tok.pad_id, config.label_smoothing)[0]
+        model.eval()
+        refs = [setup.train.reference_texts[i] for i in idx]
+        roll = rollout(model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
+                       config.samples, config.max_len, greedy=estimator == "self-critical", generator=generator,
+                       times=history.times)
+        back = time.perf_counter()
+        b = baseline(estimator, roll.rewards, roll.greedy_rewards, average)
+        average.update(roll.rewards)
+        loss = reinforce_loss(policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b)
+        if mix > 0:
+            loss = loss + mix * mle_loss(model, src, tgt, tok.pad_id, config.label_smoothing)[0]
+        history.train_reward.append(float(roll.rewards.mean()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -332,6 +342,35 @@ def fine_tune(
             model.eval()
             record(step)
     history.total_seconds = elapsed
+    model.eval()
+    return model, history
+
+
+def continue_mle(
+    setup: Setup, seconds: float, seed: int = 0, start_state: dict | None = None
+) -> tuple[EncoderDecoder, FineTuneHistory]:
+    """The control: the MLE recipe continued from the start for ``seconds`` of training
+    (the measured time of the policy-gradient run it is compared with), at the constant
+    fine-tuning rate ``control_lr``, in fp32 like the policy-gradient run."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    config, tok = setup.config, setup.tokenizer
+    model = setup.new_model(start_state)
+    generator = runtime.set_seed(seed)
+    history = FineTuneHistory("mle")
+    history.steps.append(0)
+    history.seconds.append(0.0)
+    history.valid_reward.append(expected_reward(model, setup))
+    trained = train(
+        model, setup.train.token_batches(config.control_batch_tokens, generator),
+        lambda m, b: mle_loss(m, b[0], b[1], tok.pad_id, config.label_smoothing),
+        max_steps=10**9, lr=config.control_lr, warmup_steps=0, decay="constant", time_budget_s=seconds,
+        progress=False, description="continued MLE",
+    )
+    history.steps.append(len(trained.steps))
+    history.seconds.append(trained.seconds)
+    history.valid_reward.append(expected_reward(model, setup))
+    history.total_seconds = trained.seconds
     model.eval()
     return model, history
 
@@ -356,7 +395,6 @@ def gradient_variance(
     Returns per-estimator variance, mean sample reward and mean greedy reward.
     """
     from ..policy_gradient import ESTIMATORS
-    from ..translation import pad_batch
 
     if draws < 2:
         raise ValueError(f"need at least 2 draws to estimate a variance, got {draws}")
@@ -420,8 +458,10 @@ class PGResult:
     def summary(self) -> dict:
         times = self.pg_history.times
         return {
+            "experiment": "pg",
             "estimator": self.estimator,
             "profile": self.profile,
+            "device": "cpu",
             "seed": self.seed,
             "parameters": self.parameters,
             "bleu_mle": round(self.start.bleu, 2),
@@ -450,11 +490,6 @@ class PGResult:
         }
 
 
-def control_steps(config: PGConfig, pg_steps: int | None = None) -> int:
-    """Updates the continued-MLE control gets for the same (calibrated) wall-clock time."""
-    return max(1, round((pg_steps or config.pg_steps) * config.control_steps_per_pg_step))
-
-
 def run_policy_gradient(
     estimator: str = "leave-one-out", profile: str | None = None, seed: int = 0, progress: bool = False,
     setup: Setup | None = None,
@@ -467,7 +502,7 @@ def run_policy_gradient(
     setup = setup or prepare(config, progress=progress)
     start = evaluate(setup.new_model(), setup)
     pg_model, pg_history = fine_tune(setup, estimator, config.pg_steps, seed=seed)
-    mle_model, mle_history = fine_tune(setup, "mle", control_steps(config), seed=seed)
+    mle_model, mle_history = continue_mle(setup, pg_history.total_seconds, seed=seed)
     return PGResult(
         estimator, profile, seed, config, start, evaluate(pg_model, setup), evaluate(mle_model, setup),
         pg_history, mle_history, count_parameters(pg_model), setup.mle_seconds, time.perf_counter() - began,
