@@ -56,7 +56,7 @@ class PGConfig:
     mle_lr: float = 2e-3
     mle_warmup: int = 200
     mle_precision: str = "bf16"
-    average_last: int = 5
+    average_last: int = 1
     label_smoothing: float = 0.1
     weak_step: int = 300
     start_seed: int = 0
@@ -160,7 +160,9 @@ def train_start(
 ) -> tuple[dict, dict, dict]:
     """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
     autocast where asked, and the average of ``average_last`` snapshots taken evenly over
-    the last fifth of training. Returns (averaged state, weak snapshot, history)."""
+    the last fifth of training (1: the final weights; averaging five cost about one BLEU
+    point in calibration, since the rate already decays to zero). Returns (start state,
+    weak snapshot, history)."""
     generator = runtime.set_seed(config.start_seed)
     model = EncoderDecoder(config.model_config(len(tokenizer)))
     last = config.mle_steps
