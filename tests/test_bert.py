@@ -223,3 +223,25 @@ def test_mlm_accuracy_by_kind_of_position_adds_up():
     right = sum(scores[f"mlm_accuracy_{k}"] * counts[k] for k in bert.MLM_KINDS)
     assert abs(right / scores["mlm_labels"] - scores["mlm_accuracy"]) < 1e-9
     assert all(0 <= scores[f"mlm_baseline_{k}"] <= 1 for k in bert.MLM_KINDS)
+
+
+def test_run_bert_trains_once_then_loads_the_same_model(tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from lmpg_utils import caching, corpora
+    from lmpg_utils.experiments import bert as experiment
+
+    corpora.load_bible_verses()  # parsed into the normal cache, then copied: no model is copied
+    for parsed in caching.cache_dir().glob("*.json"):
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    tiny = dataclasses.replace(experiment.CONFIGS["quick"], pretrain_steps=6, pretrain_pairs=200, eval_pairs=60,
+                               finetune_steps=2, label_counts=(8,), test_per_class=5)
+    monkeypatch.setitem(experiment.CONFIGS, "quick", tiny)
+    tokenizer = experiment.train_tokenizer("quick")
+    first = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
+    second = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
+    assert not first.pretrain_cached and second.pretrain_cached
+    assert second.history.nsp_losses == first.history.nsp_losses and len(second.history.steps) == 6
+    assert second.mlm_accuracy == first.mlm_accuracy and second.nsp_accuracy == first.nsp_accuracy

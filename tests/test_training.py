@@ -258,3 +258,24 @@ def test_train_bf16_autocast_learns_and_keeps_fp32_weights():
     assert steps == list(range(1, 151))
     with pytest.raises(ValueError, match="precision"):
         train(model, batches, loss_fn, max_steps=1, lr=0.1, precision="fp8", progress=False)
+
+
+def test_run_gpt_trains_once_then_loads_and_reports_the_ngram(tmp_path, monkeypatch):
+    import shutil
+
+    from lmpg_utils import caching, corpora
+    from lmpg_utils.experiments.gpt import config_for, run_gpt, with_steps
+
+    corpora.load_bible_verses()  # parsed into the normal cache, then copied: no model is copied
+    for parsed in caching.cache_dir().glob("*.json"):
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    tiny = with_steps(config_for("quick"), 4)
+    first = run_gpt("quick", seed=0, config=tiny, progress=False)
+    second = run_gpt("quick", seed=0, config=tiny, progress=False)
+    assert not first.cached and second.cached
+    assert second.history.losses == first.history.losses and second.steps_done == 4
+    assert second.test_perplexity == pytest.approx(first.test_perplexity, rel=1e-6)
+    assert first.ngram_order in (3, 4, 5) and 1 < first.ngram_test_perplexity < first.test_perplexity
+    summary = second.summary()
+    assert summary["ngram_test_perplexity"] == first.ngram_test_perplexity and summary["cached"]

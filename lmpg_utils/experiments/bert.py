@@ -328,7 +328,8 @@ def _pretrained(config, profile, seed, tokenizer, data, special, device, progres
         if stored is not None:
             model.load_state_dict(stored["state_dict"])
             record = json.loads(stored["extra"]["history"])
-            history = TrainHistory(**{k: v for k, v in record.items() if k not in ("mlm_losses", "nsp_losses")})
+            fields = TrainHistory.__dataclass_fields__
+            history = TrainHistory(**{k: v for k, v in record.items() if k in fields})
             history.mlm_losses, history.nsp_losses = record["mlm_losses"], record["nsp_losses"]  # type: ignore[attr-defined]
             model.eval()
             return model, history, float(record["pretrain_seconds"]), True
