@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -139,6 +139,15 @@ class TrainHistory:
     @property
     def items_per_second(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """The recorded fields as plain data (JSON-able), for a cached model's metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "TrainHistory":
+        """A history from :meth:`to_dict`'s output; keys that are not fields are ignored."""
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
 
 
 def train(

@@ -328,8 +328,7 @@ def _pretrained(config, profile, seed, tokenizer, data, special, device, progres
         if stored is not None:
             model.load_state_dict(stored["state_dict"])
             record = json.loads(stored["extra"]["history"])
-            fields = TrainHistory.__dataclass_fields__
-            history = TrainHistory(**{k: v for k, v in record.items() if k in fields})
+            history = TrainHistory.from_dict(record)
             history.mlm_losses, history.nsp_losses = record["mlm_losses"], record["nsp_losses"]  # type: ignore[attr-defined]
             model.eval()
             return model, history, float(record["pretrain_seconds"]), True
@@ -341,10 +340,8 @@ def _pretrained(config, profile, seed, tokenizer, data, special, device, progres
             warmup_steps=config.warmup_steps, seed=seed, progress=progress,
         )
         seconds = time.perf_counter() - began
-        record = {"steps": history.steps, "losses": history.losses, "eval_steps": history.eval_steps,
-                  "eval_values": history.eval_values, "eval_seconds": history.eval_seconds,
-                  "seconds": history.seconds, "items": history.items, "mlm_losses": history.mlm_losses,
-                  "nsp_losses": history.nsp_losses, "pretrain_seconds": seconds}
+        record = dict(history.to_dict(), mlm_losses=history.mlm_losses, nsp_losses=history.nsp_losses,
+                      pretrain_seconds=seconds)
         save_checkpoint(path, model, asdict(config), caching.tag({"history": json.dumps(record)}, key))
     model.eval()
     return model, history, seconds, False

@@ -287,12 +287,6 @@ def ngram_baseline(data, orders: tuple[int, ...] = (3, 4, 5)) -> tuple[int, floa
     return best, models[best].perplexity(data.test)
 
 
-def _history_record(history: TrainHistory) -> dict:
-    return {"steps": history.steps, "losses": history.losses, "eval_steps": history.eval_steps,
-            "eval_values": history.eval_values, "eval_seconds": history.eval_seconds,
-            "seconds": history.seconds, "items": history.items}
-
-
 def train_gpt(
     config: GPTExperimentConfig, data, seed: int, device: torch.device, progress: bool = True
 ) -> tuple[GPT, TrainHistory]:
@@ -347,11 +341,11 @@ def run_gpt(
             model.load_state_dict(stored["state_dict"])
             model.eval()
             record = json.loads(stored["extra"]["history"])
-            history = TrainHistory(**record)
+            history = TrainHistory.from_dict(record)
         else:
             model, history = train_gpt(config, data, seed, device, progress)
             if cache:
-                extra = {"history": json.dumps(_history_record(history))}
+                extra = {"history": json.dumps(history.to_dict())}
                 save_checkpoint(path, model, asdict(config), caching.tag(extra, key))
     nll, count = total_nll(model, data.valid, vocab)
     val_loss = nll / count
