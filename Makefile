@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # What the venv installs: the pins, or (test-lower-bounds) pyproject.toml's lower bounds.
 REQUIREMENTS ?= requirements.txt
-PYTEST_WORKERS ?= 2
 
 .PHONY: setup data models book browser test test-cold test-lower-bounds unit notebooks lint-workflows check-pages benchmark clean
 
@@ -29,15 +28,15 @@ VENDOR_STAMP := $(VENDOR)/static/.complete
 $(VENDOR_STAMP): scripts/fetch_vendor.py
 	$(PYTHON) scripts/fetch_vendor.py $(VENDOR)
 
-# One thread, as under `make notebooks`, so the book shows the very numbers the tests checked.
-# scripts/book_cache.py empties jupyter-cache when lmpg_utils/ or the requirements changed, so
-# the notebooks run again against the current code. `--all` makes Sphinx read every page again
-# (cheap: executed notebooks come from jupyter-cache), so a notebook that failed is executed
-# again and fails the build every time, not only the first.
+# Notebooks that `make notebooks` (part of `make test`) ran against the current code come from
+# jupyter-cache; the rest are executed here. scripts/book_cache.py empties jupyter-cache when
+# lmpg_utils/ or the requirements changed, so the notebooks run again against the current
+# code. `--all` makes Sphinx read every page again (cheap: executed notebooks come from
+# jupyter-cache), so a notebook that failed is executed again and fails the build every time.
 JUPYTER_CACHE := _build/.jupyter_cache
 book: data models $(VENDOR_STAMP)
 	$(BIN)/python scripts/book_cache.py $(JUPYTER_CACHE)
-	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/jupyter-book build . -W -n --keep-going --all
+	$(BIN)/jupyter-book build . -W -n --keep-going --all
 
 # Opens every built page in headless Chromium: math typeset, diagrams drawn, no errors, nothing remote.
 check-pages: book browser
@@ -57,10 +56,13 @@ models: data
 unit: data
 	$(BIN)/python -m pytest -q tests
 
-# Two notebooks run at once on a 2-core machine: one thread each, or OpenMP threads
-# spin against each other and training slows down many times over.
+# Every notebook runs top to bottom as a test (any exception or failed assert fails it), one
+# at a time with every core: chapter 4 dominates, and two notebooks on two cores would leave
+# one core idle once the short ones are done. Passing executions go into the book's
+# jupyter-cache, so `make book` afterwards renders this very run instead of executing again.
+NOTEBOOK_WORKERS ?= 1
 notebooks: data models
-	LMPG_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env -n $(PYTEST_WORKERS) --dist loadfile chapters
+	$(BIN)/python scripts/run_notebooks.py $(JUPYTER_CACHE) chapters/*.ipynb --workers $(NOTEBOOK_WORKERS)
 
 test: unit lint-workflows notebooks
 
