@@ -119,6 +119,8 @@ def test_experiment_config_and_bad_estimator():
         PGConfig(mle_mix=-1.0)
     with pytest.raises(ValueError, match="token budgets"):
         PGConfig(mle_batch_tokens=10)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        PGConfig(pg_precision="fp16")
     # the MLE start's cache key ignores fine-tuning settings but not model settings
     assert PGConfig(pg_lr=0.5).start_key() == QUICK.start_key() != PGConfig(d_model=64).start_key()
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -159,7 +161,15 @@ def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
     assert all(torch.equal(again.start_state[k], v) for k, v in setup.start_state.items())
     model, history = pgx.fine_tune(setup, "leave-one-out", tiny.pg_steps, seed=0)
     assert history.steps == [0, 1, 2] and len(history.valid_reward) == 3
+    # every run from the start begins at the start's expected reward, computed once
+    start_reward = pgx.expected_reward(setup.new_model(), setup)
+    assert history.valid_reward[0] == setup.start_reward() == start_reward
+    assert set(setup._start_rewards) == {"start"}
+    weak_reward = pgx.expected_reward(setup.new_model(setup.weak_state), setup)
+    assert setup.start_reward(setup.weak_state) == weak_reward
+    assert history.valid_reward[-1] == pgx.expected_reward(model, setup)  # the end, fresh
     control, control_history = pgx.continue_mle(setup, seconds=max(history.total_seconds, 0.5), seed=0)
+    assert control_history.valid_reward[0] == start_reward
     assert control_history.steps[-1] >= 1
     assert control_history.total_seconds >= max(history.total_seconds, 0.5)
     result = pgx.evaluate(model, setup, "valid")

@@ -33,7 +33,7 @@ from ..policy_gradient import (
     rollout,
 )
 from ..tokenization import BPETokenizer
-from ..training import average_states, make_optimizer, save_checkpoint, train
+from ..training import autocast_dtype, average_states, make_optimizer, save_checkpoint, train
 from ..translation import EncodedPairs, mle_loss, pad_batch, train_tokenizer, translate_texts
 from ..transformer import EncoderDecoder, TransformerConfig, count_parameters
 
@@ -62,22 +62,27 @@ class PGConfig:
     start_seed: int = 0
     # fine-tuning (PG and the continued-MLE control)
     max_len: int = 60
-    pg_steps: int = 40
+    pg_steps: int = 30
     pg_batch: int = 16
     samples: int = 4
     pg_lr: float = 2e-4
     mle_mix: float = 0.3
+    # The length guard is plain NLL: label smoothing would pull the policy back towards
+    # the higher entropy it gave the start, against what the reward asks for.
+    mix_label_smoothing: float = 0.0
+    hack_steps: int = 20  # updates from the weak snapshot (the reward-hacking section)
     ma_beta: float = 0.9
     control_batch_tokens: int = 2500
     control_lr: float = 1e-4
+    pg_precision: str = "bf16"  # autocast for PG updates and the control alike; evaluation stays fp32
     reward: str = "bleu"
-    eval_every: int = 20
-    valid_sources: int = 200
+    eval_every: int = 30
+    valid_sources: int = 128
     reward_samples: int = 4
 
     def __post_init__(self) -> None:
         for name in ("mle_steps", "mle_batch_tokens", "pg_steps", "pg_batch", "samples", "control_batch_tokens",
-                     "valid_sources", "average_last", "train_words", "eval_words"):
+                     "valid_sources", "average_last", "train_words", "eval_words", "hack_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.weak_step < self.mle_steps:
@@ -86,6 +91,8 @@ class PGConfig:
             raise ValueError(f"mle_mix must be >= 0, got {self.mle_mix}")
         if self.mle_batch_tokens < self.max_tokens or self.control_batch_tokens < self.max_tokens:
             raise ValueError(f"batch token budgets must hold the longest pair ({self.max_tokens} tokens)")
+        for precision in (self.mle_precision, self.pg_precision):
+            autocast_dtype(precision, "cpu")  # names an unknown precision
 
     def start_fields(self) -> dict:
         """The fields that define the MLE start (those declared up to and including ``start_seed``)."""
@@ -108,7 +115,7 @@ QUICK = PGConfig()
 FULL = PGConfig(
     train_words=40, vocab_size=8000, d_model=512, num_heads=8, num_layers=6, d_ff=2048, max_tokens=128,
     mle_steps=12000, mle_batch_tokens=8000, mle_lr=7e-4, mle_warmup=1000, weak_step=800, max_len=80,
-    pg_steps=300, pg_batch=32, eval_every=50, valid_sources=256, control_batch_tokens=8000,
+    pg_steps=300, pg_batch=32, eval_every=50, valid_sources=256, control_batch_tokens=8000, hack_steps=150,
 )
 
 
@@ -131,6 +138,18 @@ class Setup:
     mle_seconds: float
     mle_history: dict
     cached: bool
+    _start_rewards: dict = field(default_factory=dict, repr=False)
+
+    def start_reward(self, state: dict | None = None) -> float:
+        """:func:`expected_reward` of the MLE start (``state`` None) or of the weak snapshot,
+        computed once: every fine-tuning run from that state begins at this value, since
+        the validation rollout uses a fixed sampling seed."""
+        if state is None or state is self.weak_state:
+            name = "weak" if state is self.weak_state else "start"
+            if name not in self._start_rewards:
+                self._start_rewards[name] = expected_reward(self.new_model(state), self)
+            return self._start_rewards[name]
+        return expected_reward(self.new_model(state), self)
 
     def new_model(self, state: dict | None = None) -> EncoderDecoder:
         model = EncoderDecoder(self.config.model_config(len(self.tokenizer)))
@@ -313,10 +332,13 @@ def fine_tune(
     history = FineTuneHistory(estimator)
     elapsed = 0.0
 
+    dtype = autocast_dtype(config.pg_precision, "cpu")
+
     def record(step: int) -> None:
         history.steps.append(step)
         history.seconds.append(elapsed)
-        history.valid_reward.append(expected_reward(model, setup))
+        reward = setup.start_reward(start_state) if step == 0 else expected_reward(model, setup)
+        history.valid_reward.append(reward)
 
     record(0)
     for step in range(1, steps + 1):
@@ -324,15 +346,17 @@ def fine_tune(
         src, tgt, idx = next(batches)
         model.eval()
         refs = [setup.train.reference_texts[i] for i in idx]
-        roll = rollout(model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
-                       config.samples, config.max_len, greedy=estimator == "self-critical", generator=generator,
-                       times=history.times)
-        back = time.perf_counter()
-        b = baseline(estimator, roll.rewards, roll.greedy_rewards, average)
-        average.update(roll.rewards)
-        loss = reinforce_loss(policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b)
-        if mix > 0:
-            loss = loss + mix * mle_loss(model, src, tgt, tok.pad_id, config.label_smoothing)[0]
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            roll = rollout(model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
+                           config.samples, config.max_len, greedy=estimator == "self-critical",
+                           generator=generator, times=history.times)
+            back = time.perf_counter()
+            b = baseline(estimator, roll.rewards, roll.greedy_rewards, average)
+            average.update(roll.rewards)
+            loss = reinforce_loss(policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b)
+            if mix > 0:
+                guard = mle_loss(model, src, tgt, tok.pad_id, config.mix_label_smoothing)[0]
+                loss = loss + mix * guard
         history.train_reward.append(float(roll.rewards.mean()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,7 +377,7 @@ def continue_mle(
 ) -> tuple[EncoderDecoder, FineTuneHistory]:
     """The control: the MLE recipe continued from the start for ``seconds`` of training
     (the measured time of the policy-gradient run it is compared with), at the constant
-    fine-tuning rate ``control_lr``, in fp32 like the policy-gradient run."""
+    fine-tuning rate ``control_lr``, in ``pg_precision`` like the policy-gradient run."""
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
     config, tok = setup.config, setup.tokenizer
@@ -362,12 +386,12 @@ def continue_mle(
     history = FineTuneHistory("mle")
     history.steps.append(0)
     history.seconds.append(0.0)
-    history.valid_reward.append(expected_reward(model, setup))
+    history.valid_reward.append(setup.start_reward(start_state))
     trained = train(
         model, setup.train.token_batches(config.control_batch_tokens, generator),
         lambda m, b: mle_loss(m, b[0], b[1], tok.pad_id, config.label_smoothing),
         max_steps=10**9, lr=config.control_lr, warmup_steps=0, decay="constant", time_budget_s=seconds,
-        progress=False, description="continued MLE",
+        precision=config.pg_precision, progress=False, description="continued MLE",
     )
     history.steps.append(len(trained.steps))
     history.seconds.append(trained.seconds)
