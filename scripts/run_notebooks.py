@@ -54,9 +54,9 @@ def slowest_cells(notebook: nbformat.NotebookNode, count: int = 3) -> str:
     return ", ".join(f"cell {number}: {spent:.0f} s" for spent, number in slowest)
 
 
-def execute(path: str, timeout: int) -> tuple[str, str | None, float, str | None, str]:
-    """Run one notebook in its own folder. Returns (path, executed notebook as JSON or
-    None, seconds, traceback or None, its slowest cells)."""
+def execute(path: str, timeout: int) -> tuple[str, str, float, str | None, str]:
+    """Run one notebook in its own folder. Returns (path, the notebook as executed, as
+    JSON, seconds, traceback or None, its slowest cells)."""
     from jupyter_cache.executors.utils import single_nb_execution
 
     notebook = nbformat.read(path, as_version=4)
@@ -71,32 +71,27 @@ def execute(path: str, timeout: int) -> tuple[str, str | None, float, str | None
     slowest = slowest_cells(notebook)
     for cell in notebook.cells:  # jupyter-cache hashes cell metadata: keep it as in the source
         cell.get("metadata", {}).pop("execution", None)
-    if result.err is not None:
-        return path, None, result.time, result.exc_string or repr(result.err), slowest
-    return path, nbformat.writes(notebook), result.time, None, slowest
+    error = None if result.err is None else result.exc_string or repr(result.err)
+    return path, nbformat.writes(notebook), result.time, error, slowest
 
 
-def _store(cache_dir: Path, path: str, executed: str | None, seconds: float) -> None:
-    """Put a passing execution into the book's cache; drop a stale one on failure."""
+def _store(cache_dir: Path, path: str, executed: str, passed: bool, seconds: float) -> None:
+    """Put a passing execution into the book's cache; drop a stale one on failure. The
+    cache matches by code cells, so the notebook as executed (not the file, which may
+    have been edited meanwhile) finds its record."""
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
     cache = get_cache(str(cache_dir))
-    source = nbformat.read(path, as_version=4)
-    try:
-        stale = cache.match_cache_notebook(source)
-    except KeyError:
-        stale = None
-    if executed is None:
-        if stale is not None:
-            cache.remove_cache(stale.pk)
+    notebook = nbformat.reads(executed, as_version=4)
+    if not passed:
+        try:
+            cache.remove_cache(cache.match_cache_notebook(notebook).pk)
+        except KeyError:
+            pass  # nothing stored for this code
         return
     record = cache.add_nb_to_project(str(Path(path).resolve()))
-    bundle = CacheBundleIn(
-        nbformat.reads(executed, as_version=4),
-        record.uri,
-        data={"execution_seconds": seconds},
-    )
+    bundle = CacheBundleIn(notebook, record.uri, data={"execution_seconds": seconds})
     cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
 
 
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [pool.submit(execute, path, args.timeout) for path in order]
         for job in as_completed(jobs):
             path, executed, seconds, error, slowest = job.result()
-            _store(args.cache, path, executed, seconds)
+            _store(args.cache, path, executed, error is None, seconds)
             name = Path(path).name
             if error is None:
                 timings[name] = round(seconds, 1)

@@ -144,12 +144,12 @@ class Setup:
         """:func:`expected_reward` of the MLE start (``state`` None) or of the weak snapshot,
         computed once: every fine-tuning run from that state begins at this value, since
         the validation rollout uses a fixed sampling seed."""
-        if state is None or state is self.weak_state:
-            name = "weak" if state is self.weak_state else "start"
-            if name not in self._start_rewards:
-                self._start_rewards[name] = expected_reward(self.new_model(state), self)
-            return self._start_rewards[name]
-        return expected_reward(self.new_model(state), self)
+        name = "start" if state is None else "weak" if state is self.weak_state else None
+        if name is None:  # any other state: not kept
+            return expected_reward(self.new_model(state), self)
+        if name not in self._start_rewards:
+            self._start_rewards[name] = expected_reward(self.new_model(state), self)
+        return self._start_rewards[name]
 
     def new_model(self, state: dict | None = None) -> EncoderDecoder:
         model = EncoderDecoder(self.config.model_config(len(self.tokenizer)))
