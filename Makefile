@@ -87,9 +87,11 @@ test-cold: data
 	echo "test-cold (seed $${LMPG_SEED:-0}): parse corpora $$((parsed - start)) s, unit tests $$((unit - parsed)) s," \
 	  "models $$((models - unit)) s, notebooks $$((end - models)) s, total $$((end - start)) s"
 
-# A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s); always exits 0.
+# A speed report (attention against PyTorch, KV-cache generation, GPT training tokens/s, the
+# allocator setting against glibc's default); always exits 0.
 benchmark: data
 	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_allocator.py
 
 # The weekly workflow's second job: pyproject.toml's oldest allowed versions in their own venv.
 LOWER_BOUNDS := build/lower-bounds.txt

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.estimator not in ESTIMATORS:
             parser.error(f"unknown --estimator {args.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+    from . import runtime
+
+    runtime.tune_allocator()
     result = EXPERIMENTS[args.experiment](args)
     print(json.dumps(result, sort_keys=True))
     return 0
@@ -66,6 +69,7 @@ def train_models(profile: str | None, seed: int) -> dict[str, float]:
     from .experiments import bert, gpt, language_models, policy_gradient
 
     runtime.set_threads()
+    runtime.tune_allocator()
     seconds = {}
     steps = {
         "chapter 1 LSTM and cloze models": lambda: language_models.run_language_models(profile=profile, seed=seed),

@@ -5,7 +5,9 @@ and chrF on detokenized text, and reports the signature so
 the numbers can be reproduced. Rewards for policy gradient are *sentence* scores:
 ``BLEU(effective_order=True).sentence_score(hyp, [ref])`` (13a tokenization, exp
 smoothing, n-gram orders capped by the hypothesis length) and sentence chrF, both
-divided by 100 so that a reward lies in [0, 1].
+divided by 100 so that a reward lies in [0, 1]. BLEU's brevity penalty punishes a
+hypothesis that is too short; ``length_penalty`` adds the missing long side (see
+:func:`long_side_penalty`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 REWARDS: tuple[str, ...] = ("bleu", "chrf")
 
@@ -57,8 +60,33 @@ _SENTENCE_BLEU = BLEU(effective_order=True)
 _SENTENCE_CHRF = CHRF()
 
 
-def sentence_rewards(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
-    """Sentence-level reward in [0, 1] for each hypothesis: sentence BLEU or chrF divided by 100.
+_TOKENIZE_13A = Tokenizer13a()
+
+
+def token_count(sentence: str) -> int:
+    """Length of ``sentence`` in BLEU's 13a tokens (the unit of BLEU's length ratio)."""
+    return len(_TOKENIZE_13A(sentence.strip()).split())
+
+
+def long_side_penalty(hypothesis_length: int, reference_length: int, strength: float) -> float:
+    """``exp(-strength * (h / r - 1))`` for a hypothesis longer than its reference, else 1.
+
+    BLEU's brevity penalty ``exp(1 - r / h)`` only punishes ``h < r``; a policy optimizing
+    sentence BLEU can therefore lengthen its outputs at the cost of a little n-gram
+    precision. This factor is the long side's counterpart; ``strength`` 0 switches it off.
+    """
+    if strength < 0:
+        raise ValueError(f"length penalty strength must be >= 0, got {strength}")
+    if reference_length < 1 or hypothesis_length <= reference_length or strength == 0:
+        return 1.0
+    return math.exp(-strength * (hypothesis_length / reference_length - 1.0))
+
+
+def sentence_rewards(
+    hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu", length_penalty: float = 0.0
+) -> list[float]:
+    """Sentence-level reward in [0, 1] for each hypothesis: sentence BLEU or chrF divided by 100,
+    times :func:`long_side_penalty` with strength ``length_penalty`` (0: the plain metric).
 
     BLEU uses ``effective_order=True`` (a 3-word hypothesis is not zeroed for lacking
     4-grams) with sacrebleu's default exponential smoothing. An empty hypothesis scores 0.
@@ -66,12 +94,18 @@ def sentence_rewards(hypotheses: Sequence[str], references: Sequence[str], metri
     _check_pairs(hypotheses, references)
     if metric not in REWARDS:
         raise ValueError(f"unknown reward metric {metric!r}; valid: {', '.join(REWARDS)}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
     scorer = _SENTENCE_BLEU if metric == "bleu" else _SENTENCE_CHRF
     rewards = []
     for hyp, ref in zip(hypotheses, references):
-        value = scorer.sentence_score(hyp, [ref]).score / 100.0 if hyp.strip() else 0.0
+        if not hyp.strip():
+            rewards.append(0.0)
+            continue
+        value = scorer.sentence_score(hyp, [ref]).score / 100.0
         if not math.isfinite(value):
             raise ValueError(f"sacrebleu returned a non-finite score for {hyp!r}")
-        value = min(1.0, max(0.0, value))  # sacrebleu can return 100.00000000000004
-        rewards.append(value)
+        if length_penalty > 0:
+            value *= long_side_penalty(token_count(hyp), token_count(ref), length_penalty)
+        rewards.append(min(1.0, max(0.0, value)))  # sacrebleu can return 100.00000000000004
     return rewards

@@ -42,3 +42,24 @@ def test_bad_input():
         corpus_bleu([], [])
     with pytest.raises(ValueError, match="not a single string"):
         corpus_chrf("a b", "a b")
+
+
+def test_length_penalty_punishes_only_the_long_side():
+    import math
+
+    from lmpg_utils.metrics import long_side_penalty, token_count
+
+    ref = "the cat sat on the mat ."  # 7 tokens
+    long = "the cat sat on the mat . the cat sat on the mat ."  # 14 tokens: h / r = 2
+    short = "the cat sat ."
+    assert token_count(ref) == 7 and token_count(long) == 14
+    plain = sentence_rewards([long, short, ref], [ref] * 3)
+    shaped = sentence_rewards([long, short, ref], [ref] * 3, length_penalty=3.0)
+    assert shaped[0] == pytest.approx(plain[0] * math.exp(-3.0))
+    assert shaped[1:] == pytest.approx(plain[1:])  # BLEU's own brevity penalty covers h < r
+    assert sentence_rewards([long], [ref], "chrf", 1.0)[0] < sentence_rewards([long], [ref], "chrf")[0]
+    assert long_side_penalty(10, 5, 0.0) == 1.0 and long_side_penalty(5, 10, 9.0) == 1.0
+    with pytest.raises(ValueError, match="length_penalty must be >= 0"):
+        sentence_rewards([ref], [ref], length_penalty=-1.0)
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        long_side_penalty(3, 2, -0.5)

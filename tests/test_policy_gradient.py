@@ -117,6 +117,8 @@ def test_experiment_config_and_bad_estimator():
         PGConfig(mle_steps=10, weak_step=10)
     with pytest.raises(ValueError, match="mle_mix"):
         PGConfig(mle_mix=-1.0)
+    with pytest.raises(ValueError, match="length_penalty"):
+        PGConfig(length_penalty=-0.1)
     with pytest.raises(ValueError, match="token budgets"):
         PGConfig(mle_batch_tokens=10)
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
@@ -168,6 +170,13 @@ def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
     weak_reward = pgx.expected_reward(setup.new_model(setup.weak_state), setup)
     assert setup.start_reward(setup.weak_state) == weak_reward
     assert history.valid_reward[-1] == pgx.expected_reward(model, setup)  # the end, fresh
+    # another reward on the same start: its own start reward, the original's memo untouched
+    plain = setup.with_config(length_penalty=0.0)
+    assert plain.config.length_penalty == 0.0 and plain.start_state is setup.start_state
+    assert plain.start_reward() == pgx.expected_reward(plain.new_model(), plain)
+    assert setup.start_reward() == start_reward and set(setup._start_rewards) == {"start", "weak"}
+    with pytest.raises(ValueError, match="d_model define the cached start"):
+        setup.with_config(d_model=64)
     control, control_history = pgx.continue_mle(setup, seconds=max(history.total_seconds, 0.5), seed=0)
     assert control_history.valid_reward[0] == start_reward
     assert control_history.steps[-1] >= 1

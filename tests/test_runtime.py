@@ -59,3 +59,22 @@ def test_threads_and_describe(monkeypatch):
     monkeypatch.delenv("LMPG_PROFILE", raising=False)
     info = runtime.describe()
     assert info["device"] == "cpu" and info["profile"] == "quick"
+
+
+def test_tune_allocator_reports_what_it_did():
+    """In a child process, so the test process keeps glibc's defaults."""
+    import platform
+    import subprocess
+    import sys
+
+    code = (
+        "from lmpg_utils import runtime\n"
+        "assert runtime.describe()['allocator'] == 'default'\n"
+        "done = runtime.tune_allocator()\n"
+        "assert runtime.tune_allocator() == done == runtime.describe()['allocator']\n"
+        "import torch; x = torch.ones(1 << 22); del x  # allocation still works\n"
+        "print(done)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == ("glibc: freed memory kept" if glibc else "default (not glibc)")
