@@ -47,26 +47,40 @@ print(json.dumps({"tokens_per_second": history.items_per_second,
 
 
 def measure(tuned: bool, steps: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, "tuned" if tuned else "default", str(steps)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, "tuned" if tuned else "default", str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="updates per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating default/tuned pairs")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating default/tuned pairs"
+    )
     args = parser.parse_args(argv)
     runs: dict[str, list[dict]] = {"default": [], "tuned": []}
     for _ in range(args.rounds):
         for name in runs:
             runs[name].append(measure(name == "tuned", args.steps))
             last = runs[name][-1]
-            print(f"  {name:8s} {last['tokens_per_second']:7.0f} tokens/s, {last['page_faults']:>9,} page faults, "
-                  f"{last['kernel_seconds']:5.1f} s in the kernel ({last['allocator']})", flush=True)
-    median = {name: statistics.median(r["tokens_per_second"] for r in rs) for name, rs in runs.items()}
-    print(f"translator training, {args.steps} updates: tune_allocator / default = "
-          f"{median['tuned'] / median['default']:.2f}x tokens/s (medians of {args.rounds})")
+            print(
+                f"  {name:8s} {last['tokens_per_second']:7.0f} tokens/s, {last['page_faults']:>9,} page faults, "
+                f"{last['kernel_seconds']:5.1f} s in the kernel ({last['allocator']})",
+                flush=True,
+            )
+    median = {
+        name: statistics.median(r["tokens_per_second"] for r in rs)
+        for name, rs in runs.items()
+    }
+    print(
+        f"translator training, {args.steps} updates: tune_allocator / default = "
+        f"{median['tuned'] / median['default']:.2f}x tokens/s (medians of {args.rounds})"
+    )
     return 0
 
 

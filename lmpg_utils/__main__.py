@@ -14,20 +14,35 @@ from . import corpora
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmpg_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="report (and with --install, install) the corpora")
-    data.add_argument("--install", action="store_true", help="apt-get install missing Debian data packages when root")
+    data = commands.add_parser(
+        "data", help="report (and with --install, install) the corpora"
+    )
+    data.add_argument(
+        "--install",
+        action="store_true",
+        help="apt-get install missing Debian data packages when root",
+    )
 
     models = commands.add_parser(
-        "models", help="train, once per code version, the models the chapters reuse (loads them when cached)"
+        "models",
+        help="train, once per code version, the models the chapters reuse (loads them when cached)",
     )
     models.add_argument("--profile", choices=("quick", "full"), default=None)
-    models.add_argument("--seed", type=int, default=None, help="default: LMPG_SEED, else 0")
+    models.add_argument(
+        "--seed", type=int, default=None, help="default: LMPG_SEED, else 0"
+    )
 
-    run = commands.add_parser("run", help="run a chapter's main experiment; the last line printed is JSON")
+    run = commands.add_parser(
+        "run", help="run a chapter's main experiment; the last line printed is JSON"
+    )
     run.add_argument("experiment", choices=sorted(EXPERIMENTS))
     run.add_argument("--profile", choices=("quick", "full"), default=None)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--estimator", default="leave-one-out", help="policy-gradient baseline (run pg only)")
+    run.add_argument(
+        "--estimator",
+        default="leave-one-out",
+        help="policy-gradient baseline (run pg only)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "data":
@@ -42,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"installed Debian package {name}")
         return corpora.data_report()
     if args.command == "models":
-        seed = args.seed if args.seed is not None else int(os.environ.get("LMPG_SEED", "0"))
+        seed = (
+            args.seed
+            if args.seed is not None
+            else int(os.environ.get("LMPG_SEED", "0"))
+        )
         for name, seconds in train_models(args.profile, seed).items():
             print(f"{name}: {seconds:.0f} s")
         return 0
@@ -50,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         from .policy_gradient import ESTIMATORS
 
         if args.estimator not in ESTIMATORS:
-            parser.error(f"unknown --estimator {args.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+            parser.error(
+                f"unknown --estimator {args.estimator!r}; choose one of: {', '.join(ESTIMATORS)}"
+            )
     from . import runtime
 
     runtime.tune_allocator()
@@ -72,7 +93,9 @@ def train_models(profile: str | None, seed: int) -> dict[str, float]:
     runtime.tune_allocator()
     seconds = {}
     steps = {
-        "chapter 1 LSTM and cloze models": lambda: language_models.run_language_models(profile=profile, seed=seed),
+        "chapter 1 LSTM and cloze models": lambda: language_models.run_language_models(
+            profile=profile, seed=seed
+        ),
         "chapter 2 GPT": lambda: gpt.run_gpt(profile=profile, seed=seed),
         "chapter 3 BERT": lambda: bert.run_bert(profile=profile, seed=seed),
         "chapter 4 translator (MLE start)": lambda: policy_gradient.prepare(
@@ -98,7 +121,9 @@ def _run_policy_gradient(args: argparse.Namespace) -> dict:
     from .policy_gradient import check_estimator
 
     check_estimator(args.estimator)
-    return run_policy_gradient(args.estimator, profile=args.profile, seed=args.seed).summary()
+    return run_policy_gradient(
+        args.estimator, profile=args.profile, seed=args.seed
+    ).summary()
 
 
 def _run_gpt(args: argparse.Namespace) -> dict:

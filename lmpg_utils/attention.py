@@ -28,7 +28,9 @@ def _check_mask(mask: Tensor, scores_shape: tuple[int, ...], name: str) -> None:
     """A mask must be bool or float and broadcast to the (..., query_length, key_length) scores."""
     scores_shape = torch.Size(scores_shape)
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(f"{name} must be bool (True = attend) or floating point, got dtype {mask.dtype}")
+        raise ValueError(
+            f"{name} must be bool (True = attend) or floating point, got dtype {mask.dtype}"
+        )
     try:
         if torch.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
             raise RuntimeError
@@ -55,20 +57,30 @@ def scaled_dot_product_attention(
     """
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise ValueError(
-            f"query, key and value need at least 2 dims, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            "query, key and value need at least 2 dims, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query dim {query.shape[-1]} != key dim {key.shape[-1]} (shapes {tuple(query.shape)}, {tuple(key.shape)})")
+        raise ValueError(
+            f"query dim {query.shape[-1]} != key dim {key.shape[-1]} "
+            f"(shapes {tuple(query.shape)}, {tuple(key.shape)})"
+        )
     if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key length {key.shape[-2]} != value length {value.shape[-2]} (shapes {tuple(key.shape)}, {tuple(value.shape)})")
+        raise ValueError(
+            f"key length {key.shape[-2]} != value length {value.shape[-2]} "
+            f"(shapes {tuple(key.shape)}, {tuple(value.shape)})"
+        )
     try:
         torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
         raise ValueError(
-            f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} do not match"
+            f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and "
+            f"value {tuple(value.shape)} do not match"
         ) from None
     if query.shape[-2] == 0 or key.shape[-2] == 0 or query.numel() == 0:
-        raise ValueError(f"empty input: query {tuple(query.shape)}, key {tuple(key.shape)}")
+        raise ValueError(
+            f"empty input: query {tuple(query.shape)}, key {tuple(key.shape)}"
+        )
     d_k = query.shape[-1]
     scale = 1.0 / math.sqrt(d_k) if scale is None else scale
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (..., L, S)
@@ -125,13 +137,28 @@ class MultiHeadAttention(nn.Module):
     and V (head ``i`` owns output rows ``i*d_head:(i+1)*d_head``).
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True, use_sdpa: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_sdpa: bool = True,
+    ):
         super().__init__()
         if d_model <= 0 or num_heads <= 0:
-            raise ValueError(f"d_model and num_heads must be positive, got {d_model} and {num_heads}")
+            raise ValueError(
+                f"d_model and num_heads must be positive, got {d_model} and {num_heads}"
+            )
         if d_model % num_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-        self.d_model, self.num_heads, self.d_head = d_model, num_heads, d_model // num_heads
+            raise ValueError(
+                f"d_model={d_model} is not divisible by num_heads={num_heads}"
+            )
+        self.d_model, self.num_heads, self.d_head = (
+            d_model,
+            num_heads,
+            d_model // num_heads,
+        )
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -162,11 +189,17 @@ class MultiHeadAttention(nn.Module):
         cached sequence. Returns ``(output, weights or None)``.
         """
         if query.dim() != 3 or query.shape[-1] != self.d_model:
-            raise ValueError(f"query must be (batch, length, {self.d_model}), got {tuple(query.shape)}")
+            raise ValueError(
+                f"query must be (batch, length, {self.d_model}), got {tuple(query.shape)}"
+            )
         if query.shape[0] == 0 or query.shape[1] == 0:
             raise ValueError(f"empty batch: query has shape {tuple(query.shape)}")
         source = query if key_value is None else key_value
-        if source.dim() != 3 or source.shape[0] != query.shape[0] or source.shape[-1] != self.d_model:
+        if (
+            source.dim() != 3
+            or source.shape[0] != query.shape[0]
+            or source.shape[-1] != self.d_model
+        ):
             raise ValueError(
                 f"key_value must be (batch={query.shape[0]}, length, {self.d_model}), got {tuple(source.shape)}"
             )
@@ -183,37 +216,55 @@ class MultiHeadAttention(nn.Module):
         if is_causal and length_q != length_k:
             # Queries are the last length_q positions: query i sees keys up to i + offset.
             offset = length_k - length_q
-            mask = torch.ones(length_q, length_k, dtype=torch.bool, device=q.device).tril(offset)
+            mask = torch.ones(
+                length_q, length_k, dtype=torch.bool, device=q.device
+            ).tril(offset)
             is_causal = False
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
-                raise ValueError(f"key_padding_mask must be bool (True = padding), got dtype {key_padding_mask.dtype}")
+                raise ValueError(
+                    f"key_padding_mask must be bool (True = padding), got dtype {key_padding_mask.dtype}"
+                )
             if key_padding_mask.shape != (q.shape[0], length_k):
                 raise ValueError(
-                    f"key_padding_mask must have shape (batch, key_length) = {(q.shape[0], length_k)}, got {tuple(key_padding_mask.shape)}"
+                    "key_padding_mask must have shape (batch, key_length) = "
+                    f"{(q.shape[0], length_k)}, got {tuple(key_padding_mask.shape)}"
                 )
             keep = ~key_padding_mask[:, None, None, :]
             mask = keep if mask is None else mask & keep
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
-                raise ValueError(f"attn_mask must be bool (True = attend), got dtype {attn_mask.dtype}")
-            _check_mask(attn_mask, (q.shape[0], self.num_heads, length_q, length_k), "attn_mask")
+                raise ValueError(
+                    f"attn_mask must be bool (True = attend), got dtype {attn_mask.dtype}"
+                )
+            _check_mask(
+                attn_mask, (q.shape[0], self.num_heads, length_q, length_k), "attn_mask"
+            )
             mask = attn_mask if mask is None else mask & attn_mask
         if mask is not None and is_causal:
-            mask = mask & torch.ones(length_q, length_k, dtype=torch.bool, device=q.device).tril()
+            mask = (
+                mask
+                & torch.ones(
+                    length_q, length_k, dtype=torch.bool, device=q.device
+                ).tril()
+            )
             is_causal = False
 
         dropout = self.dropout if self.training else 0.0
         if self.use_sdpa and not need_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+            )
             weights = None
         else:
-            out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
+            out, weights = scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout
+            )
         out = out.transpose(1, 2).reshape(query.shape[0], length_q, self.d_model)
         return self.out_proj(out), weights
 
     @torch.no_grad()
-    def load_from_torch(self, reference: nn.MultiheadAttention) -> "MultiHeadAttention":
+    def load_from_torch(self, reference: nn.MultiheadAttention) -> MultiHeadAttention:
         """Copy the weights of a ``batch_first`` ``nn.MultiheadAttention`` with the same sizes."""
         if reference.embed_dim != self.d_model or reference.num_heads != self.num_heads:
             raise ValueError(
@@ -222,7 +273,11 @@ class MultiHeadAttention(nn.Module):
             )
         w_q, w_k, w_v = reference.in_proj_weight.chunk(3)
         b_q, b_k, b_v = reference.in_proj_bias.chunk(3)
-        for layer, w, b in ((self.q_proj, w_q, b_q), (self.k_proj, w_k, b_k), (self.v_proj, w_v, b_v)):
+        for layer, w, b in (
+            (self.q_proj, w_q, b_q),
+            (self.k_proj, w_k, b_k),
+            (self.v_proj, w_v, b_v),
+        ):
             layer.weight.copy_(w)
             layer.bias.copy_(b)
         self.out_proj.weight.copy_(reference.out_proj.weight)

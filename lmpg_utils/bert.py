@@ -21,8 +21,9 @@ This module takes verses as any objects with ``book``, ``chapter``, ``index`` an
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,14 @@ class SpecialIds:
     specials: tuple[int, ...]
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: BPETokenizer) -> "SpecialIds":
+    def from_tokenizer(cls, tokenizer: BPETokenizer) -> SpecialIds:
         """Read the ids from a :class:`~lmpg_utils.tokenization.BPETokenizer` trained with BERT's specials."""
-        specials = tuple(sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True)[t]
-                                for t in _special_strings(tokenizer)))
+        specials = tuple(
+            sorted(
+                tokenizer.tokenizer.get_vocab(with_added_tokens=True)[t]
+                for t in _special_strings(tokenizer)
+            )
+        )
         return cls(
             pad=tokenizer.id(PAD),
             cls=tokenizer.id(CLS),
@@ -72,9 +77,13 @@ class SpecialIds:
         for name in ("pad", "cls", "sep", "mask"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} id {value} is outside the vocabulary of size {self.vocab_size}")
+                raise ValueError(
+                    f"{name} id {value} is outside the vocabulary of size {self.vocab_size}"
+                )
             if value not in self.specials:
-                raise ValueError(f"{name} id {value} must be listed among the special ids {self.specials}")
+                raise ValueError(
+                    f"{name} id {value} must be listed among the special ids {self.specials}"
+                )
         if len(self.specials) >= self.vocab_size:
             raise ValueError("the vocabulary has no ordinary (non-special) token")
 
@@ -125,7 +134,9 @@ def mask_tokens(
     otherwise left unchanged. Random numbers come from ``generator`` (on the CPU).
     """
     if ids.dim() != 2:
-        raise ValueError(f"token ids must be (batch, length), got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"token ids must be (batch, length), got shape {tuple(ids.shape)}"
+        )
     if ids.numel() == 0:
         raise ValueError(f"empty batch: token ids have shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
@@ -133,7 +144,9 @@ def mask_tokens(
     if not 0.0 < mask_prob <= 1.0:
         raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
     if mask_ratio < 0 or random_ratio < 0 or mask_ratio + random_ratio > 1.0:
-        raise ValueError(f"need mask_ratio, random_ratio >= 0 with sum <= 1, got {mask_ratio}, {random_ratio}")
+        raise ValueError(
+            f"need mask_ratio, random_ratio >= 0 with sum <= 1, got {mask_ratio}, {random_ratio}"
+        )
     _check_known(ids, special.vocab_size)
     device = ids.device
     ids = ids.cpu().long()
@@ -156,14 +169,18 @@ def mask_tokens(
     return MaskedTokens(corrupted.to(device), labels.to(device), action.to(device))
 
 
-def masking_statistics(ids: Tensor, masked: MaskedTokens, special: SpecialIds) -> dict[str, float | int]:
+def masking_statistics(
+    ids: Tensor, masked: MaskedTokens, special: SpecialIds
+) -> dict[str, float | int]:
     """Measured fractions of a :func:`mask_tokens` call, with the counts behind them."""
     eligible = ~torch.isin(ids.cpu(), torch.tensor(special.specials))
     action = masked.action.cpu()
     chosen = action != NOT_CHOSEN
     n_eligible, n_chosen = int(eligible.sum()), int(chosen.sum())
     if n_chosen == 0:
-        raise ValueError("no position was chosen: the sample is too small to measure anything")
+        raise ValueError(
+            "no position was chosen: the sample is too small to measure anything"
+        )
     return {
         "eligible": n_eligible,
         "chosen": n_chosen,
@@ -178,7 +195,9 @@ def masking_statistics(ids: Tensor, masked: MaskedTokens, special: SpecialIds) -
 def _check_known(ids: Tensor, vocab_size: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"unknown token id {bad}: the vocabulary has ids 0..{vocab_size - 1}")
+        raise ValueError(
+            f"unknown token id {bad}: the vocabulary has ids 0..{vocab_size - 1}"
+        )
 
 
 # ---------------------------------------------------------------------------------
@@ -223,25 +242,37 @@ def make_nsp_pairs(
     when no pair can be formed.
     """
     if negatives not in NEGATIVE_KINDS:
-        raise ValueError(f"unknown negatives kind {negatives!r}; valid kinds are: {', '.join(NEGATIVE_KINDS)}")
+        raise ValueError(
+            f"unknown negatives kind {negatives!r}; valid kinds are: {', '.join(NEGATIVE_KINDS)}"
+        )
     if not 0.0 <= p_next <= 1.0:
         raise ValueError(f"p_next must be in [0, 1], got {p_next}")
     for verse in verses:
         if not verse.text.strip():
-            raise ValueError(f"empty text in verse {verse.book} {verse.chapter} (index {verse.index})")
+            raise ValueError(
+                f"empty text in verse {verse.book} {verse.chapter} (index {verse.index})"
+            )
     rng = random.Random(seed)
     chapters: dict[tuple[str, int], list[int]] = {}
     for position, verse in enumerate(verses):
         chapters.setdefault((verse.book, verse.chapter), []).append(position)
     anchors = [
-        p for p in range(len(verses) - 1)
-        if (verses[p].book, verses[p].chapter) == (verses[p + 1].book, verses[p + 1].chapter)
+        p
+        for p in range(len(verses) - 1)
+        if (verses[p].book, verses[p].chapter)
+        == (verses[p + 1].book, verses[p + 1].chapter)
         and verses[p + 1].index == verses[p].index + 1
     ]
     if negatives == "same_chapter":  # A needs a verse two or more away in its chapter
-        anchors = [p for p in anchors if len(chapters[(verses[p].book, verses[p].chapter)]) >= 4]
+        anchors = [
+            p
+            for p in anchors
+            if len(chapters[(verses[p].book, verses[p].chapter)]) >= 4
+        ]
     if not anchors:
-        raise ValueError(f"no next-sentence pair can be formed from {len(verses)} verses")
+        raise ValueError(
+            f"no next-sentence pair can be formed from {len(verses)} verses"
+        )
     rng.shuffle(anchors)
     if limit is not None:
         anchors = anchors[:limit]
@@ -261,7 +292,11 @@ def make_nsp_pairs(
             else:
                 q = rng.randrange(len(verses))
                 b = verses[q]
-                ok = b.book != a.book if negatives == "other_book" else (b.book, b.chapter) != (a.book, a.chapter)
+                ok = (
+                    b.book != a.book
+                    if negatives == "other_book"
+                    else (b.book, b.chapter) != (a.book, a.chapter)
+                )
             if ok:
                 break
         pairs.append(SentencePair(a.text, verses[q].text, False))
@@ -283,13 +318,17 @@ def tokenize_texts(tokenizer: BPETokenizer, texts: Sequence[str]) -> list[list[i
     return tokenizer.encode_batch(texts)
 
 
-def truncate_pair(a: Sequence[int], b: Sequence[int], max_tokens: int) -> tuple[list[int], list[int], bool]:
+def truncate_pair(
+    a: Sequence[int], b: Sequence[int], max_tokens: int
+) -> tuple[list[int], list[int], bool]:
     """BERT's rule: while ``len(a) + len(b) > max_tokens`` drop the last token of the longer side.
 
     Ties drop from ``b``. Returns the truncated sides and whether anything was dropped.
     """
     if max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2 (one token a side), got {max_tokens}")
+        raise ValueError(
+            f"max_tokens must be at least 2 (one token a side), got {max_tokens}"
+        )
     a, b = list(a), list(b)
     truncated = False
     while len(a) + len(b) > max_tokens:
@@ -314,24 +353,36 @@ class EncodedBatch:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def select(self, index: Tensor | Sequence[int]) -> "EncodedBatch":
+    def select(self, index: Tensor | Sequence[int]) -> EncodedBatch:
         """Rows ``index`` (trailing all-padding columns are kept; harmless)."""
         index = torch.as_tensor(index, dtype=torch.long)
         labels = self.labels[index] if self.labels is not None else None
-        return EncodedBatch(self.ids[index], self.segment_ids[index], self.padding_mask[index], labels, 0)
+        return EncodedBatch(
+            self.ids[index],
+            self.segment_ids[index],
+            self.padding_mask[index],
+            labels,
+            0,
+        )
 
-    def to(self, device: torch.device | str) -> "EncodedBatch":
+    def to(self, device: torch.device | str) -> EncodedBatch:
         labels = self.labels.to(device) if self.labels is not None else None
         return EncodedBatch(
-            self.ids.to(device), self.segment_ids.to(device), self.padding_mask.to(device), labels, self.truncated
+            self.ids.to(device),
+            self.segment_ids.to(device),
+            self.padding_mask.to(device),
+            labels,
+            self.truncated,
         )
 
 
-def _pad(rows: list[list[int]], segments: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def _pad(
+    rows: list[list[int]], segments: list[list[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     seg = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (row, s) in enumerate(zip(rows, segments)):
+    for i, (row, s) in enumerate(zip(rows, segments, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         seg[i, : len(s)] = torch.tensor(s)
     return ids, seg, ids == pad_id
@@ -351,13 +402,15 @@ def encode_pairs(
     token id raises ``ValueError``.
     """
     if len(a_ids) != len(b_ids):
-        raise ValueError(f"{len(a_ids)} first sentences but {len(b_ids)} second sentences")
+        raise ValueError(
+            f"{len(a_ids)} first sentences but {len(b_ids)} second sentences"
+        )
     if not a_ids:
         raise ValueError("no sentence pairs to encode")
     if labels is not None and len(labels) != len(a_ids):
         raise ValueError(f"{len(labels)} labels for {len(a_ids)} pairs")
     rows, segments, truncated = [], [], 0
-    for i, (a, b) in enumerate(zip(a_ids, b_ids)):
+    for i, (a, b) in enumerate(zip(a_ids, b_ids, strict=True)):
         if not a or not b:
             raise ValueError(f"pair {i} has an empty sentence")
         _check_known(torch.tensor(list(a) + list(b)), special.vocab_size)
@@ -366,11 +419,20 @@ def encode_pairs(
         rows.append([special.cls, *a, special.sep, *b, special.sep])
         segments.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
     ids, seg, padding = _pad(rows, segments, special.pad)
-    return EncodedBatch(ids, seg, padding, None if labels is None else torch.tensor(list(labels)), truncated)
+    return EncodedBatch(
+        ids,
+        seg,
+        padding,
+        None if labels is None else torch.tensor(list(labels)),
+        truncated,
+    )
 
 
 def encode_single(
-    ids_list: Sequence[Sequence[int]], special: SpecialIds, max_len: int, labels: Sequence[int] | None = None
+    ids_list: Sequence[Sequence[int]],
+    special: SpecialIds,
+    max_len: int,
+    labels: Sequence[int] | None = None,
 ) -> EncodedBatch:
     """``[CLS] A [SEP]`` (segment 0) for classification; too long sequences lose their end (counted)."""
     if not ids_list:
@@ -387,7 +449,13 @@ def encode_single(
         truncated += len(a) > max_len - 2
         rows.append([special.cls, *list(a)[: max_len - 2], special.sep])
     ids, seg, padding = _pad(rows, [[0] * len(r) for r in rows], special.pad)
-    return EncodedBatch(ids, seg, padding, None if labels is None else torch.tensor(list(labels)), truncated)
+    return EncodedBatch(
+        ids,
+        seg,
+        padding,
+        None if labels is None else torch.tensor(list(labels)),
+        truncated,
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -405,7 +473,9 @@ class BertModel(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         if config.num_segments != 2:
-            raise ValueError(f"BERT needs num_segments=2 (sentence A and B), got {config.num_segments}")
+            raise ValueError(
+                f"BERT needs num_segments=2 (sentence A and B), got {config.num_segments}"
+            )
         self.config = config
         d = config.d_model
         self.encoder = TransformerEncoder(config)
@@ -415,7 +485,12 @@ class BertModel(nn.Module):
         self.nsp_head = nn.Linear(d, 2)
         self.apply(init_weights)
 
-    def encode(self, ids: Tensor, segment_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self,
+        ids: Tensor,
+        segment_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Hidden states (B, L, d_model) of the joint encoding."""
         return self.encoder(ids, padding_mask=padding_mask, segment_ids=segment_ids)
 
@@ -425,14 +500,20 @@ class BertModel(nn.Module):
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits for hidden states of any leading shape (..., d_model)."""
-        return self.mlm_transform(hidden) @ self.encoder.embeddings.token.weight.T + self.mlm_bias
+        return (
+            self.mlm_transform(hidden) @ self.encoder.embeddings.token.weight.T
+            + self.mlm_bias
+        )
 
     def nsp_logits(self, hidden: Tensor) -> Tensor:
         """(B, 2) logits; class 0 = IsNext, class 1 = NotNext (BERT's convention)."""
         return self.nsp_head(self.pooled(hidden))
 
     def forward(
-        self, ids: Tensor, segment_ids: Tensor | None = None, padding_mask: Tensor | None = None
+        self,
+        ids: Tensor,
+        segment_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """MLM logits (B, L, vocab) at every position and NSP logits (B, 2)."""
         hidden = self.encode(ids, segment_ids, padding_mask)
@@ -462,17 +543,27 @@ def make_pretraining_batch(
     if batch.labels is None:
         raise ValueError("the NSP batch needs labels (is_next)")
     masked = mask_tokens(batch.ids, special, generator)
-    return PretrainingBatch(masked.input_ids, batch.segment_ids, batch.padding_mask, masked.labels, nsp_targets(batch.labels))
+    return PretrainingBatch(
+        masked.input_ids,
+        batch.segment_ids,
+        batch.padding_mask,
+        masked.labels,
+        nsp_targets(batch.labels),
+    )
 
 
-def pretraining_loss(model: BertModel, batch: PretrainingBatch) -> tuple[Tensor, Tensor, Tensor]:
+def pretraining_loss(
+    model: BertModel, batch: PretrainingBatch
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(MLM + NSP, MLM, NSP)``: MLM is the mean cross-entropy over chosen positions only."""
     hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
     chosen = batch.mlm_labels != IGNORE_INDEX
     if not bool(chosen.any()):
         mlm = hidden.sum() * 0.0
     else:
-        mlm = F.cross_entropy(model.mlm_logits(hidden[chosen]), batch.mlm_labels[chosen])
+        mlm = F.cross_entropy(
+            model.mlm_logits(hidden[chosen]), batch.mlm_labels[chosen]
+        )
     nsp = F.cross_entropy(model.nsp_logits(hidden), batch.nsp_labels)
     return mlm + nsp, mlm, nsp
 
@@ -510,7 +601,9 @@ def pretrain(
             for start in range(0, len(order) - batch_size + 1, batch_size):
                 part = data.select(order[start : start + batch_size])
                 part = _trim(part)
-                yield _to_device(make_pretraining_batch(part, special, generator), device)
+                yield _to_device(
+                    make_pretraining_batch(part, special, generator), device
+                )
 
     def loss_fn(m: nn.Module, batch: PretrainingBatch) -> tuple[Tensor, int]:
         total, mlm, nsp = pretraining_loss(m, batch)  # type: ignore[arg-type]
@@ -519,8 +612,16 @@ def pretrain(
         return total, int((batch.mlm_labels != IGNORE_INDEX).sum())
 
     history = train(
-        model, batches(), loss_fn, max_steps=steps, lr=lr, warmup_steps=warmup_steps,
-        progress=progress, description="pre-train", eval_fn=eval_fn, eval_every=eval_every,
+        model,
+        batches(),
+        loss_fn,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        progress=progress,
+        description="pre-train",
+        eval_fn=eval_fn,
+        eval_every=eval_every,
     )
     history.mlm_losses = mlm_losses  # type: ignore[attr-defined]
     history.nsp_losses = nsp_losses  # type: ignore[attr-defined]
@@ -532,13 +633,21 @@ def _trim(batch: EncodedBatch) -> EncodedBatch:
     length = int((~batch.padding_mask).sum(1).max())
     labels = batch.labels
     return EncodedBatch(
-        batch.ids[:, :length], batch.segment_ids[:, :length], batch.padding_mask[:, :length], labels, batch.truncated
+        batch.ids[:, :length],
+        batch.segment_ids[:, :length],
+        batch.padding_mask[:, :length],
+        labels,
+        batch.truncated,
     )
 
 
 def _to_device(batch: PretrainingBatch, device: torch.device) -> PretrainingBatch:
-    return PretrainingBatch(*(getattr(batch, f).to(device) for f in
-                              ("ids", "segment_ids", "padding_mask", "mlm_labels", "nsp_labels")))
+    return PretrainingBatch(
+        *(
+            getattr(batch, f).to(device)
+            for f in ("ids", "segment_ids", "padding_mask", "mlm_labels", "nsp_labels")
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -594,7 +703,9 @@ def evaluate_pretraining(
                 by_kind[kind][2] += int((gold[where] == baseline_token).sum())
         predictions.append(guess.cpu())
         targets.append(batch.mlm_labels[chosen].cpu())
-        nsp_right += int((model.nsp_logits(hidden).argmax(-1) == batch.nsp_labels).sum())
+        nsp_right += int(
+            (model.nsp_logits(hidden).argmax(-1) == batch.nsp_labels).sum()
+        )
     is_next = data.labels.float().mean().item()
     out: dict[str, float | int] = {
         "mlm_accuracy": mlm_right / max(1, mlm_total),
@@ -611,7 +722,9 @@ def evaluate_pretraining(
     return out
 
 
-def masked_targets(data: EncodedBatch, special: SpecialIds, seed: int = 1234, batch_size: int = 256) -> Tensor:
+def masked_targets(
+    data: EncodedBatch, special: SpecialIds, seed: int = 1234, batch_size: int = 256
+) -> Tensor:
     """The original ids at the positions :func:`evaluate_pretraining` scores (same seed, same order)."""
     generator = torch.Generator().manual_seed(seed)
     out = []
@@ -622,7 +735,9 @@ def masked_targets(data: EncodedBatch, special: SpecialIds, seed: int = 1234, ba
     return torch.cat(out)
 
 
-def most_frequent_token(ids: Tensor | Sequence[Sequence[int]], special: SpecialIds) -> tuple[int, float]:
+def most_frequent_token(
+    ids: Tensor | Sequence[Sequence[int]], special: SpecialIds
+) -> tuple[int, float]:
     """The most frequent non-special token in ``ids`` (a tensor or lists of ids) and its frequency there."""
     if isinstance(ids, Tensor):
         flat = ids.reshape(-1).long()
@@ -654,7 +769,12 @@ class BertClassifier(nn.Module):
         self.head = nn.Linear(bert.config.d_model, num_classes)
         init_weights(self.head)
 
-    def forward(self, ids: Tensor, segment_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        ids: Tensor,
+        segment_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Class logits (B, num_classes)."""
         hidden = self.bert.encode(ids, segment_ids, padding_mask)
         return self.head(self.dropout(self.bert.pooled(hidden)))
@@ -686,15 +806,27 @@ def fine_tune(
                 yield _trim(data.select(order[start : start + size])).to(device)
 
     def loss_fn(m: nn.Module, batch: EncodedBatch) -> tuple[Tensor, int]:
-        return F.cross_entropy(m(batch.ids, batch.segment_ids, batch.padding_mask), batch.labels), len(batch)
+        return F.cross_entropy(
+            m(batch.ids, batch.segment_ids, batch.padding_mask), batch.labels
+        ), len(batch)
 
     # The MLM and NSP heads get no gradient here; AdamW skips parameters whose grad is None.
-    return train(model, batches(), loss_fn, max_steps=steps, lr=lr, warmup_steps=warmup_steps,
-                 progress=progress, description="fine-tune")
+    return train(
+        model,
+        batches(),
+        loss_fn,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        progress=progress,
+        description="fine-tune",
+    )
 
 
 @torch.no_grad()
-def classifier_accuracy(model: BertClassifier, data: EncodedBatch, batch_size: int = 256) -> float:
+def classifier_accuracy(
+    model: BertClassifier, data: EncodedBatch, batch_size: int = 256
+) -> float:
     """Accuracy of ``model`` on the labelled ``data``."""
     if data.labels is None:
         raise ValueError("evaluation data needs labels")
@@ -702,6 +834,13 @@ def classifier_accuracy(model: BertClassifier, data: EncodedBatch, batch_size: i
     device = next(model.parameters()).device
     right = 0
     for start in range(0, len(data), batch_size):
-        part = _trim(data.select(range(start, min(start + batch_size, len(data))))).to(device)
-        right += int((model(part.ids, part.segment_ids, part.padding_mask).argmax(-1) == part.labels).sum())
+        part = _trim(data.select(range(start, min(start + batch_size, len(data))))).to(
+            device
+        )
+        right += int(
+            (
+                model(part.ids, part.segment_ids, part.padding_mask).argmax(-1)
+                == part.labels
+            ).sum()
+        )
     return right / len(data)

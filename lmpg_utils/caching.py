@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -68,25 +69,33 @@ def source_hash(root: Path = PACKAGE_ROOT) -> str:
     return digest.hexdigest()
 
 
-def artifact_key(kind: str, config: Mapping[str, Any], seed: int, root: Path = PACKAGE_ROOT) -> dict[str, Any]:
+def artifact_key(
+    kind: str, config: Mapping[str, Any], seed: int, root: Path = PACKAGE_ROOT
+) -> dict[str, Any]:
     """Everything that determines a trained artifact, as plain JSON-able data.
 
     ``config`` must be JSON-serializable (a dataclass's ``asdict``); key order does not
     matter because the key is serialized with sorted keys.
     """
     if not kind or not kind.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"artifact kind must be a short name of letters, digits, '-' or '_', got {kind!r}")
+        raise ValueError(
+            f"artifact kind must be a short name of letters, digits, '-' or '_', got {kind!r}"
+        )
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     try:
         json.dumps(dict(config), sort_keys=True)
     except TypeError as error:
-        raise TypeError(f"config of {kind!r} is not JSON-serializable: {error}") from None
+        raise TypeError(
+            f"config of {kind!r} is not JSON-serializable: {error}"
+        ) from None
     return {
         "kind": kind,
         "config": json.loads(json.dumps(dict(config), sort_keys=True)),
         "seed": seed,
-        "torch": str(torch.__version__),  # a plain str: TorchVersion does not load with weights_only
+        "torch": str(
+            torch.__version__
+        ),  # a plain str: TorchVersion does not load with weights_only
         "code": source_hash(root),
     }
 
@@ -103,7 +112,9 @@ def artifact_path(key: Mapping[str, Any], suffix: str = ".pt") -> Path:
 
 def key_matches(stored: Any, key: Mapping[str, Any]) -> bool:
     """Whether a key stored in a cached file equals the key the current code asks for."""
-    return isinstance(stored, Mapping) and json.dumps(stored, sort_keys=True) == json.dumps(key, sort_keys=True)
+    return isinstance(stored, Mapping) and json.dumps(
+        stored, sort_keys=True
+    ) == json.dumps(key, sort_keys=True)
 
 
 def load_current(path: Path, key: Mapping[str, Any]) -> dict | None:
@@ -123,7 +134,10 @@ def load_current(path: Path, key: Mapping[str, Any]) -> dict | None:
         return None
     stored = data.get("extra", {}).get("cache_key") if isinstance(data, dict) else None
     if not key_matches(stored, key):
-        warnings.warn(f"ignoring cache file {path}: it was made by other code or settings", stacklevel=2)
+        warnings.warn(
+            f"ignoring cache file {path}: it was made by other code or settings",
+            stacklevel=2,
+        )
         return None
     return data
 

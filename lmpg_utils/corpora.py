@@ -31,9 +31,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .caching import cache_dir
 
@@ -45,7 +45,11 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.90, 0.05, 0.05)
 PARSER_VERSION = "2"
 
-DEBIAN_PACKAGES = {"ding": "trans-de-en", "web": "sword-text-web", "rv1909": "sword-text-sparv"}
+DEBIAN_PACKAGES = {
+    "ding": "trans-de-en",
+    "web": "sword-text-web",
+    "rv1909": "sword-text-sparv",
+}
 # name -> (module name pattern, conf Abbreviation, Debian package)
 BIBLES = {
     "web": (WEB_MODULE_PATTERN, "WEB", DEBIAN_PACKAGES["web"]),
@@ -85,7 +89,9 @@ def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
     installed = {name: False for name in DEBIAN_PACKAGES.values()}
     if not missing:
         return installed
-    can_install = auto_install and shutil.which("apt-get") is not None and os.geteuid() == 0
+    can_install = (
+        auto_install and shutil.which("apt-get") is not None and os.geteuid() == 0
+    )
     if not can_install:
         raise DataMissingError(
             f"missing Debian package(s) {', '.join(missing)}; install with:\n  {install_command(*missing)}"
@@ -105,7 +111,9 @@ def ensure_debian_packages(auto_install: bool = True) -> dict[str, bool]:
 def split_of(key: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
     """Assign ``key`` to ``train``, ``valid`` or ``test`` by a stable SHA-256 hash."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers summing to 1, got {fractions}"
+        )
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     if position < fractions[0]:
@@ -118,7 +126,9 @@ def split_of(key: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
 def check_split(name: str) -> str:
     """Return ``name`` if it is a valid split name, else raise ``ValueError``."""
     if name not in SPLITS:
-        raise ValueError(f"unknown split {name!r}; valid splits are: {', '.join(SPLITS)}")
+        raise ValueError(
+            f"unknown split {name!r}; valid splits are: {', '.join(SPLITS)}"
+        )
     return name
 
 
@@ -217,7 +227,9 @@ def is_sentence(text: str, min_words: int = 3) -> bool:
     )
 
 
-def parse_ding(path: Path | str = DING_PATH, min_words: int = 3) -> tuple[list[TranslationPair], ParseReport]:
+def parse_ding(
+    path: Path | str = DING_PATH, min_words: int = 3
+) -> tuple[list[TranslationPair], ParseReport]:
     """Parse the Ding dictionary into unique German-English sentence pairs.
 
     Rules, in order:
@@ -260,7 +272,7 @@ def parse_ding(path: Path | str = DING_PATH, min_words: int = 3) -> tuple[list[T
             if len(german) != len(english):
                 report.unaligned += 1
                 continue
-            for de_raw, en_raw in zip(german, english):
+            for de_raw, en_raw in zip(german, english, strict=True):
                 report.sub_entries += 1
                 de, en = clean_ding_text(de_raw), clean_ding_text(en_raw)
                 if not (is_sentence(de, min_words) and is_sentence(en, min_words)):
@@ -273,7 +285,9 @@ def parse_ding(path: Path | str = DING_PATH, min_words: int = 3) -> tuple[list[T
     if report.lines == 0:
         raise CorpusFormatError(f"{path} is empty")
     if not pairs:
-        raise CorpusFormatError(f"{path}: no sentence pairs found in {report.lines} lines ({report.summary()})")
+        raise CorpusFormatError(
+            f"{path}: no sentence pairs found in {report.lines} lines ({report.summary()})"
+        )
     report.kept = len(pairs)
     return pairs, report
 
@@ -297,7 +311,11 @@ def load_translation_pairs(
     data = _cached("ding", checksum([path]), build)
     pairs = [TranslationPair(**p) for p in data["pairs"]]
     if max_words is not None:
-        pairs = [p for p in pairs if len(p.de.split()) <= max_words and len(p.en.split()) <= max_words]
+        pairs = [
+            p
+            for p in pairs
+            if len(p.de.split()) <= max_words and len(p.en.split()) <= max_words
+        ]
     if split is not None:
         pairs = [p for p in pairs if p.split == split]
     return pairs
@@ -376,7 +394,11 @@ def _resolve_case_insensitively(root: Path, relative: str) -> Path | None:
         if exact.exists():
             path = exact
             continue
-        matches = [p for p in path.iterdir() if p.name.lower() == part.lower()] if path.is_dir() else []
+        matches = (
+            [p for p in path.iterdir() if p.name.lower() == part.lower()]
+            if path.is_dir()
+            else []
+        )
         if len(matches) != 1:
             return None
         path = matches[0]
@@ -399,7 +421,10 @@ def find_sword_module(
     found = []
     for conf in sorted((sword_root / "mods.d").glob("*.conf")):
         name, entries = _read_conf(conf)
-        if not (pattern.fullmatch(name) or entries.get("Abbreviation", "").lower() == abbreviation.lower()):
+        if not (
+            pattern.fullmatch(name)
+            or entries.get("Abbreviation", "").lower() == abbreviation.lower()
+        ):
             continue
         data = _resolve_case_insensitively(sword_root, entries.get("DataPath", ""))
         if data is not None and data.is_dir() and data != sword_root:
@@ -426,9 +451,13 @@ def _web_paths(sword_root: Path) -> tuple[Path, Path]:
     return _bible_paths(sword_root, "web")
 
 
-def read_bible_verses(sword_root: Path | str = SWORD_ROOT, bible: str = "web") -> list[Verse]:
+def read_bible_verses(
+    sword_root: Path | str = SWORD_ROOT, bible: str = "web"
+) -> list[Verse]:
     """Read every non-empty verse of a Bible in canonical order with ``pysword`` (slow; cached by the loader)."""
-    from pysword.bible import SwordBible  # imported lazily: only needed when the cache is cold
+    from pysword.bible import (
+        SwordBible,
+    )  # imported lazily: only needed when the cache is cold
 
     conf, data = _bible_paths(Path(sword_root), bible)
     versification = "default"
@@ -441,10 +470,17 @@ def read_bible_verses(sword_root: Path | str = SWORD_ROOT, bible: str = "web") -
         for book in testament:
             for chapter, length in enumerate(book.chapter_lengths, start=1):
                 for number in range(1, length + 1):
-                    markup = bible.get(books=[book.name], chapters=[chapter], verses=[number], clean=False)
+                    markup = bible.get(
+                        books=[book.name],
+                        chapters=[chapter],
+                        verses=[number],
+                        clean=False,
+                    )
                     text = clean_osis(markup)
                     if text:
-                        verses.append(Verse(book.name, chapter, number, text, len(verses)))
+                        verses.append(
+                            Verse(book.name, chapter, number, text, len(verses))
+                        )
     if not verses:
         raise CorpusFormatError(f"no verses could be read from {data}")
     return verses
@@ -463,7 +499,11 @@ def load_bible_verses(
         check_split(split)
     conf, data = _bible_paths(Path(sword_root), bible)
     files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
-    rows = _cached(bible, checksum(files), lambda: [asdict(v) for v in read_bible_verses(sword_root, bible)])
+    rows = _cached(
+        bible,
+        checksum(files),
+        lambda: [asdict(v) for v in read_bible_verses(sword_root, bible)],
+    )
     verses = [Verse(**row) for row in rows]
     if split is not None:
         verses = [v for v in verses if v.split == split]
@@ -480,11 +520,16 @@ class VersePair:
     es: str
     en: str
 
-    split = property(lambda self: chapter_split(self.book, self.chapter), doc="The WEB verse's split.")
+    split = property(
+        lambda self: chapter_split(self.book, self.chapter),
+        doc="The WEB verse's split.",
+    )
 
 
 def load_verse_pairs(
-    split: str | None = None, max_words: int | None = None, sword_root: Path | str = SWORD_ROOT
+    split: str | None = None,
+    max_words: int | None = None,
+    sword_root: Path | str = SWORD_ROOT,
 ) -> list[VersePair]:
     """Spanish-English verse pairs aligned by (book, chapter, verse), in canonical order.
 
@@ -495,14 +540,23 @@ def load_verse_pairs(
     """
     if max_words is not None and max_words < 1:
         raise ValueError(f"max_words must be positive, got {max_words}")
-    english = {(v.book, v.chapter, v.verse): v.text for v in load_bible_verses(split, sword_root)}
+    english = {
+        (v.book, v.chapter, v.verse): v.text
+        for v in load_bible_verses(split, sword_root)
+    }
     pairs = [
-        VersePair(v.book, v.chapter, v.verse, v.text, english[(v.book, v.chapter, v.verse)])
+        VersePair(
+            v.book, v.chapter, v.verse, v.text, english[(v.book, v.chapter, v.verse)]
+        )
         for v in load_bible_verses(split, sword_root, "rv1909")
         if (v.book, v.chapter, v.verse) in english
     ]
     if max_words is not None:
-        pairs = [p for p in pairs if len(p.es.split()) <= max_words and len(p.en.split()) <= max_words]
+        pairs = [
+            p
+            for p in pairs
+            if len(p.es.split()) <= max_words and len(p.en.split()) <= max_words
+        ]
     return pairs
 
 
@@ -517,7 +571,10 @@ def data_report(stream=None) -> int:
     try:
         pairs = load_translation_pairs(path=DING_PATH)
         counts = {s: sum(p.split == s for p in pairs) for s in SPLITS}
-        print(f"ding: {DING_PATH} sha256={checksum([DING_PATH])[:16]} pairs={len(pairs)} {counts}", file=stream)
+        print(
+            f"ding: {DING_PATH} sha256={checksum([DING_PATH])[:16]} pairs={len(pairs)} {counts}",
+            file=stream,
+        )
     except DataMissingError as error:
         print(f"ding: MISSING. {error}", file=stream)
         status = 1
@@ -527,7 +584,10 @@ def data_report(stream=None) -> int:
             conf, data = _bible_paths(SWORD_ROOT, bible)
             counts = {s: sum(v.split == s for v in verses) for s in SPLITS}
             files = [conf, *sorted(p for p in data.iterdir() if p.is_file())]
-            print(f"{bible}: {data} sha256={checksum(files)[:16]} verses={len(verses)} {counts}", file=stream)
+            print(
+                f"{bible}: {data} sha256={checksum(files)[:16]} verses={len(verses)} {counts}",
+                file=stream,
+            )
         except DataMissingError as error:
             print(f"{bible}: MISSING. {error}", file=stream)
             status = 1

@@ -16,7 +16,10 @@ from .transformer import GPT, EncoderDecoder
 
 
 def pick_next(
-    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Choose next tokens from ``logits`` (B, V): greedy when ``temperature == 0``, else sample."""
     if temperature < 0:
@@ -31,7 +34,11 @@ def pick_next(
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1)
     if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        return (
+            torch.multinomial(probs.cpu(), 1, generator=generator)
+            .squeeze(-1)
+            .to(probs.device)
+        )
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -51,7 +58,9 @@ def generate(
     and values; without it each step re-runs the whole prefix (the slow reference).
     """
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty (batch, length) tensor, got shape {tuple(prompt.shape)}")
+        raise ValueError(
+            f"prompt must be a non-empty (batch, length) tensor, got shape {tuple(prompt.shape)}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prompt.shape[1] + max_new_tokens > model.config.max_len:
@@ -104,10 +113,14 @@ def translate(
     ``max_len`` tokens. Rows that never emit EOS end at ``max_len`` unterminated.
     """
     if src.dim() != 2 or src.shape[0] == 0 or src.shape[1] == 0:
-        raise ValueError(f"src must be a non-empty (batch, length) tensor, got shape {tuple(src.shape)}")
+        raise ValueError(
+            f"src must be a non-empty (batch, length) tensor, got shape {tuple(src.shape)}"
+        )
     empty = (src != pad_id).sum(dim=1) == 0
     if bool(empty.any()):
-        raise ValueError(f"source rows {empty.nonzero().flatten().tolist()} are empty (all padding)")
+        raise ValueError(
+            f"source rows {empty.nonzero().flatten().tolist()} are empty (all padding)"
+        )
     was_training = model.training
     model.eval()
     src_padding_mask = src == pad_id
@@ -119,8 +132,12 @@ def translate(
     step_input = tokens
     for _ in range(max_len):
         logits = model.decode(step_input, memory, src_padding_mask, cache=cache)[:, -1]
-        next_token = pick_next(policy_logits(logits, bos_id, pad_id), temperature, top_k, generator)
-        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        next_token = pick_next(
+            policy_logits(logits, bos_id, pad_id), temperature, top_k, generator
+        )
+        next_token = torch.where(
+            finished, torch.full_like(next_token, pad_id), next_token
+        )
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         finished |= next_token == eos_id
         step_input = next_token[:, None]
@@ -139,7 +156,12 @@ def target_mask(tokens: Tensor, eos_id: int, pad_id: int) -> Tensor:
 
 
 def sequence_log_probs(
-    model: EncoderDecoder, src: Tensor, tokens: Tensor, eos_id: int, pad_id: int, bos_id: int | None = None
+    model: EncoderDecoder,
+    src: Tensor,
+    tokens: Tensor,
+    eos_id: int,
+    pad_id: int,
+    bos_id: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of each target sequence under the translation policy, with gradients.
 
@@ -150,11 +172,15 @@ def sequence_log_probs(
     ``(log_prob (B,), token_count (B,))``.
     """
     if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be (batch, length >= 2) starting with BOS, got shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must be (batch, length >= 2) starting with BOS, got shape {tuple(tokens.shape)}"
+        )
     bos_id = int(tokens[0, 0]) if bos_id is None else bos_id
     logits = model(src, tokens[:, :-1], pad_id=pad_id)
     log_probs = F.log_softmax(policy_logits(logits.float(), bos_id, pad_id), dim=-1)
     chosen = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     mask = target_mask(tokens, eos_id, pad_id)
     # where, not a product: a PAD after EOS scores -inf under the policy, and 0 * -inf is nan
-    return torch.where(mask, chosen, torch.zeros_like(chosen)).sum(dim=1), mask.sum(dim=1)
+    return torch.where(mask, chosen, torch.zeros_like(chosen)).sum(dim=1), mask.sum(
+        dim=1
+    )

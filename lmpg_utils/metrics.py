@@ -13,8 +13,8 @@ hypothesis that is too short; ``length_penalty`` adds the missing long side (see
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -26,7 +26,9 @@ def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
     if isinstance(hypotheses, str) or isinstance(references, str):
         raise ValueError("pass lists of sentences, not a single string")
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references"
+        )
     if len(hypotheses) == 0:
         raise ValueError("no sentences to score")
 
@@ -45,7 +47,11 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusS
     _check_pairs(hypotheses, references)
     metric = BLEU()
     result = metric.corpus_score(list(hypotheses), [list(references)])
-    return CorpusScore(result.score, str(metric.get_signature()), result.sys_len / max(1, result.ref_len))
+    return CorpusScore(
+        result.score,
+        str(metric.get_signature()),
+        result.sys_len / max(1, result.ref_len),
+    )
 
 
 def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusScore:
@@ -68,7 +74,9 @@ def token_count(sentence: str) -> int:
     return len(_TOKENIZE_13A(sentence.strip()).split())
 
 
-def long_side_penalty(hypothesis_length: int, reference_length: int, strength: float) -> float:
+def long_side_penalty(
+    hypothesis_length: int, reference_length: int, strength: float
+) -> float:
     """``exp(-strength * (h / r - 1))`` for a hypothesis longer than its reference, else 1.
 
     BLEU's brevity penalty ``exp(1 - r / h)`` only punishes ``h < r``; a policy optimizing
@@ -83,7 +91,10 @@ def long_side_penalty(hypothesis_length: int, reference_length: int, strength: f
 
 
 def sentence_rewards(
-    hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu", length_penalty: float = 0.0
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    metric: str = "bleu",
+    length_penalty: float = 0.0,
 ) -> list[float]:
     """Sentence-level reward in [0, 1] for each hypothesis: sentence BLEU or chrF divided by 100,
     times :func:`long_side_penalty` with strength ``length_penalty`` (0: the plain metric).
@@ -93,12 +104,14 @@ def sentence_rewards(
     """
     _check_pairs(hypotheses, references)
     if metric not in REWARDS:
-        raise ValueError(f"unknown reward metric {metric!r}; valid: {', '.join(REWARDS)}")
+        raise ValueError(
+            f"unknown reward metric {metric!r}; valid: {', '.join(REWARDS)}"
+        )
     if length_penalty < 0:
         raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
     scorer = _SENTENCE_BLEU if metric == "bleu" else _SENTENCE_CHRF
     rewards = []
-    for hyp, ref in zip(hypotheses, references):
+    for hyp, ref in zip(hypotheses, references, strict=True):
         if not hyp.strip():
             rewards.append(0.0)
             continue
@@ -106,6 +119,10 @@ def sentence_rewards(
         if not math.isfinite(value):
             raise ValueError(f"sacrebleu returned a non-finite score for {hyp!r}")
         if length_penalty > 0:
-            value *= long_side_penalty(token_count(hyp), token_count(ref), length_penalty)
-        rewards.append(min(1.0, max(0.0, value)))  # sacrebleu can return 100.00000000000004
+            value *= long_side_penalty(
+                token_count(hyp), token_count(ref), length_penalty
+            )
+        rewards.append(
+            min(1.0, max(0.0, value))
+        )  # sacrebleu can return 100.00000000000004
     return rewards

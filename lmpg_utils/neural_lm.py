@@ -49,22 +49,38 @@ class LSTMLanguageModel(nn.Module):
     ):
         super().__init__()
         if min(vocab_size, d_embed, d_hidden, num_layers) <= 0:
-            raise ValueError("vocab_size, d_embed, d_hidden and num_layers must be positive")
+            raise ValueError(
+                "vocab_size, d_embed, d_hidden and num_layers must be positive"
+            )
         cutoffs = tuple(c for c in cutoffs if c < vocab_size - 1)
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, d_embed)
-        self.lstm = nn.LSTM(d_embed, d_hidden, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            d_embed,
+            d_hidden,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.AdaptiveLogSoftmaxWithLoss(d_hidden, vocab_size, list(cutoffs) or [vocab_size // 2], div_value=4.0)
+        self.output = nn.AdaptiveLogSoftmaxWithLoss(
+            d_hidden, vocab_size, list(cutoffs) or [vocab_size // 2], div_value=4.0
+        )
 
-    def hidden_states(self, ids: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def hidden_states(
+        self, ids: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """LSTM outputs (B, T, d_hidden) after reading ``ids``, and the final state."""
         if ids.dim() != 2 or ids.numel() == 0:
-            raise ValueError(f"ids must be a non-empty (batch, length) tensor, got shape {tuple(ids.shape)}")
+            raise ValueError(
+                f"ids must be a non-empty (batch, length) tensor, got shape {tuple(ids.shape)}"
+            )
         hidden, state = self.lstm(self.dropout(self.embedding(ids)), state)
         return self.dropout(hidden), state
 
-    def forward(self, ids: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self, ids: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Next-token log-probabilities (B, T, V) at every position, and the final LSTM state."""
         hidden, state = self.hidden_states(ids, state)
         log_probs = self.output.log_prob(hidden.reshape(-1, hidden.shape[-1]))
@@ -80,7 +96,12 @@ class BidirectionalLSTMCloze(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, d_embed: int = 128, d_hidden: int = 256, dropout: float = 0.1, cutoffs: tuple[int, ...] = (1000, 3000)
+        self,
+        vocab_size: int,
+        d_embed: int = 128,
+        d_hidden: int = 256,
+        dropout: float = 0.1,
+        cutoffs: tuple[int, ...] = (1000, 3000),
     ):
         super().__init__()
         cutoffs = tuple(c for c in cutoffs if c < vocab_size - 1)
@@ -89,42 +110,62 @@ class BidirectionalLSTMCloze(nn.Module):
         self.forward_lstm = nn.LSTM(d_embed, d_hidden, batch_first=True)
         self.backward_lstm = nn.LSTM(d_embed, d_hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.AdaptiveLogSoftmaxWithLoss(2 * d_hidden, vocab_size, list(cutoffs) or [vocab_size // 2], div_value=4.0)
+        self.output = nn.AdaptiveLogSoftmaxWithLoss(
+            2 * d_hidden, vocab_size, list(cutoffs) or [vocab_size // 2], div_value=4.0
+        )
 
     def context_states(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """For the words at positions 1..T-2 of framed, right-padded ``ids``: [left state; right state]."""
         if ids.dim() != 2 or ids.shape[1] < 3:
-            raise ValueError(f"ids must be (batch, length >= 3) framed by <s> and </s>, got {tuple(ids.shape)}")
+            raise ValueError(
+                f"ids must be (batch, length >= 3) framed by <s> and </s>, got {tuple(ids.shape)}"
+            )
         embedded = self.dropout(self.embedding(ids))
         left, _ = self.forward_lstm(embedded)
         # Reverse each sequence within its own length so padding stays at the end.
         positions = torch.arange(ids.shape[1], device=ids.device)
         reverse_index = (lengths[:, None] - 1 - positions[None, :]).clamp(min=0)
-        reversed_embedded = embedded.gather(1, reverse_index[..., None].expand_as(embedded))
+        reversed_embedded = embedded.gather(
+            1, reverse_index[..., None].expand_as(embedded)
+        )
         right_reversed, _ = self.backward_lstm(reversed_embedded)
-        right = right_reversed.gather(1, reverse_index[..., None].expand(-1, -1, right_reversed.shape[-1]))
-        return self.dropout(torch.cat([left[:, :-2], right[:, 2:]], dim=-1))  # word i sees left[i-1], right[i+1]
+        right = right_reversed.gather(
+            1, reverse_index[..., None].expand(-1, -1, right_reversed.shape[-1])
+        )
+        return self.dropout(
+            torch.cat([left[:, :-2], right[:, 2:]], dim=-1)
+        )  # word i sees left[i-1], right[i+1]
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Log-probabilities (B, T-2, V) of the words at positions 1..T-2 given all the other words."""
         context = self.context_states(ids, lengths)
-        return self.output.log_prob(context.reshape(-1, context.shape[-1])).view(*context.shape[:2], self.vocab_size)
+        return self.output.log_prob(context.reshape(-1, context.shape[-1])).view(
+            *context.shape[:2], self.vocab_size
+        )
 
 
-def lm_batch_loss(model: LSTMLanguageModel, batch: Tensor, pad_id: int = 0) -> tuple[Tensor, int]:
+def lm_batch_loss(
+    model: LSTMLanguageModel, batch: Tensor, pad_id: int = 0
+) -> tuple[Tensor, int]:
     """Mean next-token cross-entropy of a framed batch (``<s> .. </s>`` + padding) and the event count."""
     hidden, _ = model.hidden_states(batch[:, :-1])
     targets = batch[:, 1:]
     keep = targets != pad_id
-    result = model.output(hidden[keep], targets[keep])  # adaptive softmax: computes only the clusters it needs
+    result = model.output(
+        hidden[keep], targets[keep]
+    )  # adaptive softmax: computes only the clusters it needs
     return result.loss, int(keep.sum())
 
 
-def cloze_batch_loss(model: BidirectionalLSTMCloze, batch: Tensor, pad_id: int = 0) -> tuple[Tensor, int]:
+def cloze_batch_loss(
+    model: BidirectionalLSTMCloze, batch: Tensor, pad_id: int = 0
+) -> tuple[Tensor, int]:
     """Mean cross-entropy of predicting each word from both sides (the ``</s>`` frame is not predicted)."""
     lengths = (batch != pad_id).sum(dim=1)
     context = model.context_states(batch, lengths)
     targets = batch[:, 1:-1]
     positions = torch.arange(1, batch.shape[1] - 1, device=batch.device)
-    keep = positions[None, :] < (lengths[:, None] - 1)  # words only: not </s>, not padding
+    keep = positions[None, :] < (
+        lengths[:, None] - 1
+    )  # words only: not </s>, not padding
     return model.output(context[keep], targets[keep]).loss, int(keep.sum())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 class KneserNeyLM:
@@ -34,7 +34,12 @@ class KneserNeyLM:
             raise ValueError(f"order must be >= 1, got {order}")
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-        self.order, self.vocab_size, self.bos_id, self.eos_id = order, vocab_size, bos_id, eos_id
+        self.order, self.vocab_size, self.bos_id, self.eos_id = (
+            order,
+            vocab_size,
+            bos_id,
+            eos_id,
+        )
         # counts[k][(context, word)] for n-grams of length k+1; highest order uses raw counts,
         # lower orders continuation counts.
         self.counts: list[Counter] = [Counter() for _ in range(order)]
@@ -48,13 +53,15 @@ class KneserNeyLM:
         for end in range(self.order - 1, len(padded)):
             yield tuple(padded[end - self.order + 1 : end + 1])
 
-    def fit(self, sentences: Iterable[Sequence[int]]) -> "KneserNeyLM":
+    def fit(self, sentences: Iterable[Sequence[int]]) -> KneserNeyLM:
         """Count n-grams in ``sentences`` (lists of word ids) and estimate discounts."""
         top = Counter()
         for sentence in sentences:
             for gram in self._ngrams(sentence):
                 if max(gram) >= self.vocab_size or min(gram) < 0:
-                    raise ValueError(f"token id {max(gram)} is outside the vocabulary of size {self.vocab_size}")
+                    raise ValueError(
+                        f"token id {max(gram)} is outside the vocabulary of size {self.vocab_size}"
+                    )
                 top[gram] += 1
         if not top:
             raise ValueError("cannot fit an n-gram model on no sentences")
@@ -82,7 +89,9 @@ class KneserNeyLM:
         if not self.fitted:
             raise RuntimeError("fit the model before asking for probabilities")
         if not 0 <= word < self.vocab_size:
-            raise ValueError(f"token id {word} is outside the vocabulary of size {self.vocab_size}")
+            raise ValueError(
+                f"token id {word} is outside the vocabulary of size {self.vocab_size}"
+            )
         context = tuple(context[-(self.order - 1) :]) if self.order > 1 else ()
         if len(context) < self.order - 1:
             context = (self.bos_id,) * (self.order - 1 - len(context)) + context
@@ -95,7 +104,9 @@ class KneserNeyLM:
             discount = self.discounts[k]
             count = self.counts[k].get(history + (word,), 0)
             backoff_weight = discount * self.context_types[k][history] / total
-            probability = max(count - discount, 0.0) / total + backoff_weight * probability
+            probability = (
+                max(count - discount, 0.0) / total + backoff_weight * probability
+            )
         return probability
 
     def sentence_log_prob(self, sentence: Sequence[int]) -> tuple[float, int]:
@@ -114,7 +125,9 @@ class KneserNeyLM:
     def context_seen(self, sentence: Sequence[int]) -> list[bool]:
         """For each predicted event, whether its full ``order - 1`` word context occurred in training."""
         top = self.order - 1
-        return [self.context_totals[top].get(g[:-1], 0) > 0 for g in self._ngrams(sentence)]
+        return [
+            self.context_totals[top].get(g[:-1], 0) > 0 for g in self._ngrams(sentence)
+        ]
 
     def perplexity(self, sentences: Iterable[Sequence[int]]) -> float:
         """exp(total negative log-likelihood / number of predicted events)."""
@@ -129,10 +142,17 @@ class KneserNeyLM:
 
 
 def grid_of_orders(
-    train: Sequence[Sequence[int]], valid: Sequence[Sequence[int]], orders: Sequence[int], vocab_size: int, bos_id: int, eos_id: int
+    train: Sequence[Sequence[int]],
+    valid: Sequence[Sequence[int]],
+    orders: Sequence[int],
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
 ) -> dict[int, float]:
     """Validation perplexity for each n-gram order (used to pick the order on validation data)."""
     scores: dict[int, float] = defaultdict(float)
     for order in orders:
-        scores[order] = KneserNeyLM(order, vocab_size, bos_id, eos_id).fit(train).perplexity(valid)
+        scores[order] = (
+            KneserNeyLM(order, vocab_size, bos_id, eos_id).fit(train).perplexity(valid)
+        )
     return dict(scores)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,19 +31,28 @@ from torch import Tensor
 from .generation import sequence_log_probs, translate
 from .transformer import EncoderDecoder
 
-ESTIMATORS: tuple[str, ...] = ("none", "moving-average", "self-critical", "leave-one-out")
+ESTIMATORS: tuple[str, ...] = (
+    "none",
+    "moving-average",
+    "self-critical",
+    "leave-one-out",
+)
 
 
 def check_estimator(name: str) -> str:
     """Return ``name`` if it is a known estimator, else raise ``ValueError`` listing them."""
     if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; valid estimators are: {', '.join(ESTIMATORS)}")
+        raise ValueError(
+            f"unknown estimator {name!r}; valid estimators are: {', '.join(ESTIMATORS)}"
+        )
     return name
 
 
 def _check_rewards(rewards: Tensor) -> None:
     if rewards.dim() != 2 or rewards.numel() == 0:
-        raise ValueError(f"rewards must be a non-empty (sources, samples) tensor, got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be a non-empty (sources, samples) tensor, got shape {tuple(rewards.shape)}"
+        )
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contain NaN or infinite values")
 
@@ -53,7 +62,9 @@ def leave_one_out_baseline(rewards: Tensor) -> Tensor:
     _check_rewards(rewards)
     k = rewards.shape[1]
     if k < 2:
-        raise ValueError(f"leave-one-out needs at least K=2 samples per source, got K={k}")
+        raise ValueError(
+            f"leave-one-out needs at least K=2 samples per source, got K={k}"
+        )
     return (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
 
 
@@ -68,7 +79,11 @@ class MovingAverage:
 
     def update(self, rewards: Tensor) -> None:
         mean = float(rewards.mean())
-        self.value = mean if self.value is None else self.beta * self.value + (1 - self.beta) * mean
+        self.value = (
+            mean
+            if self.value is None
+            else self.beta * self.value + (1 - self.beta) * mean
+        )
 
 
 def baseline(
@@ -90,11 +105,17 @@ def baseline(
         return leave_one_out_baseline(rewards)
     if estimator == "self-critical":
         if greedy_rewards is None or greedy_rewards.shape != rewards.shape[:1]:
-            raise ValueError(f"self-critical needs greedy_rewards of shape ({rewards.shape[0]},)")
+            raise ValueError(
+                f"self-critical needs greedy_rewards of shape ({rewards.shape[0]},)"
+            )
         if not bool(torch.isfinite(greedy_rewards).all()):
             raise ValueError("greedy rewards contain NaN or infinite values")
         return greedy_rewards[:, None].expand_as(rewards).to(rewards.dtype)
-    value = moving_average.value if isinstance(moving_average, MovingAverage) else moving_average
+    value = (
+        moving_average.value
+        if isinstance(moving_average, MovingAverage)
+        else moving_average
+    )
     return torch.full_like(rewards, 0.0 if value is None else float(value))
 
 
@@ -128,11 +149,19 @@ class TabularSequencePolicy:
     state. With ``length == 1`` this is a plain categorical policy.
     """
 
-    def __init__(self, vocab: int, length: int, generator: torch.Generator | None = None, scale: float = 1.0):
+    def __init__(
+        self,
+        vocab: int,
+        length: int,
+        generator: torch.Generator | None = None,
+        scale: float = 1.0,
+    ):
         if vocab < 2 or length < 1:
             raise ValueError(f"need vocab >= 2 and length >= 1, got {vocab}, {length}")
         self.vocab, self.length = vocab, length
-        self.theta = (scale * torch.randn(length, vocab + 1, vocab, generator=generator, dtype=torch.float64))
+        self.theta = scale * torch.randn(
+            length, vocab + 1, vocab, generator=generator, dtype=torch.float64
+        )
 
     def _states(self, sequences: Tensor) -> Tensor:
         start = torch.full((sequences.shape[0], 1), self.vocab, dtype=torch.long)
@@ -147,9 +176,14 @@ class TabularSequencePolicy:
 
     def all_sequences(self) -> Tensor:
         """Every sequence, (vocab ** length, length)."""
-        return torch.tensor(list(itertools.product(range(self.vocab), repeat=self.length)), dtype=torch.long)
+        return torch.tensor(
+            list(itertools.product(range(self.vocab), repeat=self.length)),
+            dtype=torch.long,
+        )
 
-    def exact_gradient(self, reward: Callable[[Tensor], Tensor]) -> tuple[float, Tensor]:
+    def exact_gradient(
+        self, reward: Callable[[Tensor], Tensor]
+    ) -> tuple[float, Tensor]:
         """E[R] and its exact gradient, by enumerating all sequences and differentiating sum p(y) R(y)."""
         theta = self.theta.clone().requires_grad_(True)
         seqs = self.all_sequences()
@@ -163,7 +197,9 @@ class TabularSequencePolicy:
         out = torch.empty(n, self.length, dtype=torch.long)
         state = torch.full((n,), self.vocab, dtype=torch.long)
         for t in range(self.length):
-            out[:, t] = torch.multinomial(probs[t, state], 1, generator=generator).squeeze(1)
+            out[:, t] = torch.multinomial(
+                probs[t, state], 1, generator=generator
+            ).squeeze(1)
             state = out[:, t]
         return out
 
@@ -193,7 +229,9 @@ class TabularSequencePolicy:
         (the other baselines need a model to decode greedily or a training history).
         """
         if estimator not in ("none", "leave-one-out"):
-            raise ValueError(f"the toy policy supports 'none' and 'leave-one-out', got {estimator!r}")
+            raise ValueError(
+                f"the toy policy supports 'none' and 'leave-one-out', got {estimator!r}"
+            )
         m = samples_per_estimate
         seqs = self.sample(estimates * m, generator)
         rewards = reward(seqs).to(self.theta.dtype).reshape(estimates, m)
@@ -222,7 +260,11 @@ class StepTimes:
 
     def shares(self) -> dict[str, float]:
         total = self.total or 1.0
-        return {"sampling": self.sampling / total, "reward": self.reward / total, "backward": self.backward / total}
+        return {
+            "sampling": self.sampling / total,
+            "reward": self.reward / total,
+            "backward": self.backward / total,
+        }
 
     @property
     def samples_per_second(self) -> float:
@@ -266,23 +308,40 @@ def rollout(
     times = times if times is not None else StepTimes()
     began = time.perf_counter()
     repeated = src.repeat_interleave(samples, dim=0)
-    tokens = translate(model, repeated, bos_id, eos_id, pad_id, max_len, temperature=1.0, generator=generator)
-    greedy_tokens = translate(model, src, bos_id, eos_id, pad_id, max_len) if greedy else None
+    tokens = translate(
+        model,
+        repeated,
+        bos_id,
+        eos_id,
+        pad_id,
+        max_len,
+        temperature=1.0,
+        generator=generator,
+    )
+    greedy_tokens = (
+        translate(model, src, bos_id, eos_id, pad_id, max_len) if greedy else None
+    )
     times.sampling += time.perf_counter() - began
     began = time.perf_counter()
     hypotheses = [decode(row) for row in tokens.tolist()]
     refs = [r for r in references for _ in range(samples)]
-    rewards = torch.tensor(reward_fn(hypotheses, refs), dtype=torch.float32).reshape(src.shape[0], samples)
+    rewards = torch.tensor(reward_fn(hypotheses, refs), dtype=torch.float32).reshape(
+        src.shape[0], samples
+    )
     greedy_rewards = None
     if greedy_tokens is not None:
         greedy_hyps = [decode(row) for row in greedy_tokens.tolist()]
-        greedy_rewards = torch.tensor(reward_fn(greedy_hyps, list(references)), dtype=torch.float32)
+        greedy_rewards = torch.tensor(
+            reward_fn(greedy_hyps, list(references)), dtype=torch.float32
+        )
     times.reward += time.perf_counter() - began
     times.samples += tokens.shape[0]
     return Rollout(tokens, repeated, rewards, greedy_rewards, hypotheses)
 
 
-def policy_log_probs(model: EncoderDecoder, roll: Rollout, eos_id: int, pad_id: int) -> Tensor:
+def policy_log_probs(
+    model: EncoderDecoder, roll: Rollout, eos_id: int, pad_id: int
+) -> Tensor:
     """log pi(y) of every sample (B, K), with gradients, counting tokens up to and including EOS."""
     logp, _ = sequence_log_probs(model, roll.src, roll.tokens, eos_id, pad_id)
     return logp.reshape(roll.rewards.shape)
@@ -291,10 +350,17 @@ def policy_log_probs(model: EncoderDecoder, roll: Rollout, eos_id: int, pad_id: 
 def flat_grad(model: torch.nn.Module) -> Tensor:
     """All parameter gradients concatenated into one vector (zeros where a gradient is missing)."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+            for p in params
+        ]
+    )
 
 
-def entropy_and_rank(model: EncoderDecoder, src: Tensor, tgt: Tensor, pad_id: int) -> tuple[float, float, float]:
+def entropy_and_rank(
+    model: EncoderDecoder, src: Tensor, tgt: Tensor, pad_id: int
+) -> tuple[float, float, float]:
     """Peakiness under teacher forcing on references: mean entropy (nats) of the next-token
     distribution, mean rank of the reference token (1 = top) and the share where it is top-1."""
     with torch.no_grad():
@@ -305,4 +371,8 @@ def entropy_and_rank(model: EncoderDecoder, src: Tensor, tgt: Tensor, pad_id: in
         entropy = -(logp.exp() * logp).sum(-1)
         gold_logit = logits.gather(-1, gold[..., None])
         rank = (logits > gold_logit).sum(-1) + 1
-        return float(entropy[mask].mean()), float(rank[mask].float().mean()), float((rank[mask] == 1).float().mean())
+        return (
+            float(entropy[mask].mean()),
+            float(rank[mask].float().mean()),
+            float((rank[mask] == 1).float().mean()),
+        )

@@ -29,17 +29,27 @@ def get_device(requested: str | None = None) -> torch.device:
     CUDA when it is available, else the CPU. Asking for CUDA on a machine without
     it is an error rather than a silent fall-back.
     """
-    name = requested or os.environ.get("LMPG_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = (
+        requested
+        or os.environ.get("LMPG_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"LMPG_DEVICE/device {name!r} is not a valid torch device: {error}") from None
+        raise ValueError(
+            f"LMPG_DEVICE/device {name!r} is not a valid torch device: {error}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine")
+        raise ValueError(
+            f"device {name!r} was requested but CUDA is not available on this machine"
+        )
     return device
 
 
-def get_profile(requested: str | None = None, device: torch.device | None = None) -> Profile:
+def get_profile(
+    requested: str | None = None, device: torch.device | None = None
+) -> Profile:
     """Return the run profile: ``requested``, else ``LMPG_PROFILE``, else by device.
 
     An unknown profile name raises ``ValueError`` listing the valid ones.
@@ -50,7 +60,9 @@ def get_profile(requested: str | None = None, device: torch.device | None = None
         name = "full" if device.type == "cuda" else "quick"
     name = name.strip().lower()
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; valid profiles are: {', '.join(PROFILES)}")
+        raise ValueError(
+            f"unknown profile {name!r}; valid profiles are: {', '.join(PROFILES)}"
+        )
     return name  # type: ignore[return-value]
 
 
@@ -99,7 +111,11 @@ def tune_allocator() -> str:
         _allocator = "default (not glibc)"
         return _allocator
     libc = ctypes.CDLL(None)
-    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 30))
+    settings = (
+        (_M_MMAP_THRESHOLD, 32 << 20),
+        (_M_TRIM_THRESHOLD, 2**31 - 1),
+        (_M_TOP_PAD, 1 << 30),
+    )
     for parameter, value in settings:
         if libc.mallopt(ctypes.c_int(parameter), ctypes.c_int(value)) != 1:
             raise RuntimeError(f"glibc mallopt({parameter}, {value}) failed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
@@ -34,7 +34,9 @@ class WordVocab:
 
     def __init__(self, words: Sequence[str], specials: Sequence[str] = WORD_SPECIALS):
         if list(specials[:4]) != list(WORD_SPECIALS):
-            raise ValueError(f"the first four specials must be {WORD_SPECIALS}, got {tuple(specials[:4])}")
+            raise ValueError(
+                f"the first four specials must be {WORD_SPECIALS}, got {tuple(specials[:4])}"
+            )
         self.itos: list[str] = list(specials) + [w for w in words if w not in specials]
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
@@ -49,12 +51,15 @@ class WordVocab:
         max_size: int | None = None,
         min_count: int = 1,
         specials: Sequence[str] = WORD_SPECIALS,
-    ) -> "WordVocab":
+    ) -> WordVocab:
         """Vocabulary of the most frequent words in ``texts`` (ties broken alphabetically)."""
         counts = Counter(word for text in texts for word in word_tokenize(text))
         if not counts:
             raise ValueError("cannot build a vocabulary from empty texts")
-        ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        ranked = sorted(
+            (w for w, c in counts.items() if c >= min_count),
+            key=lambda w: (-counts[w], w),
+        )
         if max_size is not None:
             ranked = ranked[: max(0, max_size - len(specials))]
         return cls(ranked, specials)
@@ -66,10 +71,16 @@ class WordVocab:
         """The id of a token (``<unk>``'s id for unknown tokens)."""
         return self.stoi.get(token, self.unk_id)
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
         """Ids of the words of ``text``, optionally framed by ``<s>`` and ``</s>``."""
         ids = [self.stoi.get(w, self.unk_id) for w in word_tokenize(text)]
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+        return (
+            ([self.bos_id] if add_bos else [])
+            + ids
+            + ([self.eos_id] if add_eos else [])
+        )
 
     def decode(self, ids: Iterable[int], skip_specials: bool = True) -> str:
         """Words for ``ids`` joined by spaces (specials dropped unless asked for)."""
@@ -77,7 +88,9 @@ class WordVocab:
         for i in ids:
             i = int(i)
             if not 0 <= i < len(self.itos):
-                raise ValueError(f"token id {i} is outside the vocabulary of size {len(self.itos)}")
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary of size {len(self.itos)}"
+                )
             if skip_specials and self.itos[i] in self.specials and i != self.unk_id:
                 continue
             words.append(self.itos[i])
@@ -88,9 +101,9 @@ class WordVocab:
         return {"itos": list(self.itos), "specials": list(self.specials)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, list[str]]) -> "WordVocab":
+    def from_state_dict(cls, state: dict[str, list[str]]) -> WordVocab:
         specials = state["specials"]
-        return cls(state["itos"][len(specials):], specials)
+        return cls(state["itos"][len(specials) :], specials)
 
 
 class BPETokenizer:
@@ -115,12 +128,21 @@ class BPETokenizer:
         vocab_size: int,
         specials: Sequence[str] = (PAD, UNK, BOS, EOS, MASK, CLS, SEP),
         min_frequency: int = 2,
-    ) -> "BPETokenizer":
+    ) -> BPETokenizer:
         """Learn a BPE vocabulary of at most ``vocab_size`` pieces from ``texts``."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import (
+            Tokenizer,
+            decoders,
+            models,
+            normalizers,
+            pre_tokenizers,
+            trainers,
+        )
 
         if vocab_size < len(specials) + 2:
-            raise ValueError(f"vocab_size {vocab_size} is too small for {len(specials)} special tokens")
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small for {len(specials)} special tokens"
+            )
         texts = list(texts)
         if not texts:
             raise ValueError("cannot train a BPE tokenizer on no texts")
@@ -131,7 +153,10 @@ class BPETokenizer:
         )
         tokenizer.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(specials), min_frequency=min_frequency, show_progress=False
+            vocab_size=vocab_size,
+            special_tokens=list(specials),
+            min_frequency=min_frequency,
+            show_progress=False,
         )
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer)
@@ -145,20 +170,35 @@ class BPETokenizer:
             raise ValueError(f"token {token!r} is not in the BPE vocabulary")
         return found
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
         ids = self.tokenizer.encode(text).ids
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+        return (
+            ([self.bos_id] if add_bos else [])
+            + ids
+            + ([self.eos_id] if add_eos else [])
+        )
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
         encoded = self.tokenizer.encode_batch(list(texts))
-        return [([self.bos_id] if add_bos else []) + e.ids + ([self.eos_id] if add_eos else []) for e in encoded]
+        return [
+            ([self.bos_id] if add_bos else [])
+            + e.ids
+            + ([self.eos_id] if add_eos else [])
+            for e in encoded
+        ]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
         size = len(self)
         bad = [i for i in ids if not 0 <= i < size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary of size {size}")
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary of size {size}"
+            )
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def to_str(self) -> str:
@@ -166,7 +206,7 @@ class BPETokenizer:
         return self.tokenizer.to_str()
 
     @classmethod
-    def from_str(cls, data: str) -> "BPETokenizer":
+    def from_str(cls, data: str) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(data))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,20 +35,30 @@ def bucketed_batches(
         order = torch.randperm(len(sequences), generator=generator).tolist()
         chunk = batch_size * 50
         for start in range(0, len(order), chunk):
-            block = sorted(order[start : start + chunk], key=lambda i: len(sequences[i]))
-            batches = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+            block = sorted(
+                order[start : start + chunk], key=lambda i: len(sequences[i])
+            )
+            batches = [
+                block[i : i + batch_size] for i in range(0, len(block), batch_size)
+            ]
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 rows = [sequences[i] for i in batches[b]]
-                out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+                out = torch.full(
+                    (len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long
+                )
                 for row, sequence in enumerate(rows):
-                    out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+                    out[row, : len(sequence)] = torch.as_tensor(
+                        sequence, dtype=torch.long
+                    )
                 yield out
 
 
 DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
 
 
-def warmup_decay(warmup_steps: int, total_steps: int, decay: str = "cosine") -> Callable[[int], float]:
+def warmup_decay(
+    warmup_steps: int, total_steps: int, decay: str = "cosine"
+) -> Callable[[int], float]:
     """Multiplier for the learning rate: linear warm-up, then ``decay``.
 
     ``cosine`` decays to 0.1 of the peak, ``linear`` to zero at ``total_steps`` (the
@@ -59,7 +69,9 @@ def warmup_decay(warmup_steps: int, total_steps: int, decay: str = "cosine") -> 
     if decay == "cosine":
         return warmup_cosine(warmup_steps, total_steps)
     if warmup_steps < 0 or total_steps <= 0:
-        raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}")
+        raise ValueError(
+            f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}"
+        )
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -92,16 +104,22 @@ def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     averaged = {}
     for key, first in states[0].items():
         if first.is_floating_point():
-            averaged[key] = (sum(s[key].double() for s in states) / len(states)).to(first.dtype)
+            averaged[key] = (sum(s[key].double() for s in states) / len(states)).to(
+                first.dtype
+            )
         else:
             averaged[key] = first.clone()
     return averaged
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+def warmup_cosine(
+    warmup_steps: int, total_steps: int, min_ratio: float = 0.1
+) -> Callable[[int], float]:
     """Multiplier for the learning rate: linear warm-up, then cosine decay to ``min_ratio``."""
     if warmup_steps < 0 or total_steps <= 0:
-        raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}")
+        raise ValueError(
+            f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps}, {total_steps}"
+        )
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -112,7 +130,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -
     return factor
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.01
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases, norms or embeddings' 1-d params)."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
@@ -120,7 +140,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> t
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
     )
 
 
@@ -145,7 +169,7 @@ class TrainHistory:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: dict) -> "TrainHistory":
+    def from_dict(cls, record: dict) -> TrainHistory:
         """A history from :meth:`to_dict`'s output; keys that are not fields are ignored."""
         return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
 
@@ -184,7 +208,9 @@ def train(
     device_type = next(model.parameters()).device.type
     amp_dtype = autocast_dtype(precision, device_type)
     optimizer = optimizer or make_optimizer(model, lr, weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(warmup_steps, max_steps, decay))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_decay(warmup_steps, max_steps, decay)
+    )
     history = TrainHistory()
     start = time.perf_counter()
     eval_time = 0.0
@@ -202,11 +228,19 @@ def train(
         history.eval_seconds.append(time.perf_counter() - start)
 
     model.train()
-    bar = tqdm(total=max_steps, desc=description, disable=not progress, mininterval=2.0, leave=False)
+    bar = tqdm(
+        total=max_steps,
+        desc=description,
+        disable=not progress,
+        mininterval=2.0,
+        leave=False,
+    )
     step = 0
     for step in range(1, max_steps + 1):
         batch = next(batches)
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(
+            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             loss, items = loss_fn(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}")
@@ -226,22 +260,36 @@ def train(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if eval_fn is not None and eval_every and step % eval_every == 0:
             evaluate(step)
-        if time_budget_s is not None and time.perf_counter() - start - eval_time > time_budget_s:
+        if (
+            time_budget_s is not None
+            and time.perf_counter() - start - eval_time > time_budget_s
+        ):
             break
     bar.close()
-    if eval_fn is not None and (not history.eval_steps or history.eval_steps[-1] != step):
+    if eval_fn is not None and (
+        not history.eval_steps or history.eval_steps[-1] != step
+    ):
         evaluate(step)
     history.seconds = time.perf_counter() - start - eval_time
     model.eval()
     return history
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, config: dict, extra: dict | None = None
+) -> Path:
     """Save weights and plain-data metadata (loadable with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": dict(config), "extra": dict(extra or {})}, tmp)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "config": dict(config),
+            "extra": dict(extra or {}),
+        },
+        tmp,
+    )
     tmp.replace(path)
     return path
 
@@ -254,5 +302,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     data = torch.load(path, map_location=map_location, weights_only=True)
     missing = {"state_dict", "config"} - set(data)
     if missing:
-        raise ValueError(f"{path} is not an lmpg checkpoint (missing {sorted(missing)})")
+        raise ValueError(
+            f"{path} is not an lmpg checkpoint (missing {sorted(missing)})"
+        )
     return data

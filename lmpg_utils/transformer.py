@@ -36,13 +36,24 @@ class TransformerConfig:
     num_decoder_layers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "num_layers",
+            "d_ff",
+            "max_len",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         if self.positional not in ("learned", "sinusoidal"):
-            raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+            raise ValueError(
+                f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -56,7 +67,9 @@ class SinusoidalPositionalEncoding(nn.Module):
     def __init__(self, d_model: int, max_len: int):
         super().__init__()
         position = torch.arange(max_len).unsqueeze(1)
-        frequency = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        frequency = torch.exp(
+            torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model)
+        )
         table = torch.zeros(max_len, d_model)
         table[:, 0::2] = torch.sin(position * frequency)
         table[:, 1::2] = torch.cos(position * frequency)[:, : d_model // 2]
@@ -74,7 +87,9 @@ class LearnedPositionalEmbedding(nn.Module):
         self.embedding = nn.Embedding(max_len, d_model)
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
-        positions = torch.arange(offset, offset + length, device=self.embedding.weight.device)
+        positions = torch.arange(
+            offset, offset + length, device=self.embedding.weight.device
+        )
         return self.embedding(positions)
 
 
@@ -83,7 +98,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(d_model, d_ff),
+            nn.GELU(),
+            nn.Linear(d_ff, d_model),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -92,12 +112,21 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN block: self-attention, optional cross-attention, feed-forward, each with a residual."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0, cross_attention: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         self.norm_self = nn.LayerNorm(d_model)
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
         self.norm_cross = nn.LayerNorm(d_model) if cross_attention else None
-        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout) if cross_attention else None
+        self.cross_attn = (
+            MultiHeadAttention(d_model, num_heads, dropout) if cross_attention else None
+        )
         self.norm_ff = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -114,14 +143,23 @@ class TransformerBlock(nn.Module):
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         attended, weights = self.self_attn(
-            self.norm_self(x), key_padding_mask=padding_mask, is_causal=is_causal, cache=cache, need_weights=need_weights
+            self.norm_self(x),
+            key_padding_mask=padding_mask,
+            is_causal=is_causal,
+            cache=cache,
+            need_weights=need_weights,
         )
         x = x + self.dropout(attended)
         if self.cross_attn is not None:
             if memory is None:
-                raise ValueError("this block has cross-attention: pass the encoder output as memory")
+                raise ValueError(
+                    "this block has cross-attention: pass the encoder output as memory"
+                )
             attended, _ = self.cross_attn(
-                self.norm_cross(x), memory, key_padding_mask=memory_padding_mask, cache=cross_cache
+                self.norm_cross(x),
+                memory,
+                key_padding_mask=memory_padding_mask,
+                cache=cross_cache,
             )
             x = x + self.dropout(attended)
         return x + self.ff(self.norm_ff(x)), weights
@@ -129,16 +167,22 @@ class TransformerBlock(nn.Module):
 
 def _check_ids(ids: Tensor, vocab_size: int, max_len: int, offset: int = 0) -> None:
     if ids.dim() != 2:
-        raise ValueError(f"token ids must be (batch, length), got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"token ids must be (batch, length), got shape {tuple(ids.shape)}"
+        )
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"empty batch: token ids have shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
     if offset + ids.shape[1] > max_len:
-        raise ValueError(f"sequence of length {offset + ids.shape[1]} exceeds the model's max_len {max_len}")
+        raise ValueError(
+            f"sequence of length {offset + ids.shape[1]} exceeds the model's max_len {max_len}"
+        )
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary of size {vocab_size}")
+        raise ValueError(
+            f"token id {low if low < 0 else high} is outside the vocabulary of size {vocab_size}"
+        )
 
 
 class Embeddings(nn.Module):
@@ -148,22 +192,34 @@ class Embeddings(nn.Module):
         super().__init__()
         self.config = config
         self.token = nn.Embedding(config.vocab_size, config.d_model)
-        self.segment = nn.Embedding(config.num_segments, config.d_model) if config.num_segments else None
+        self.segment = (
+            nn.Embedding(config.num_segments, config.d_model)
+            if config.num_segments
+            else None
+        )
         if config.positional == "learned":
-            self.position: nn.Module = LearnedPositionalEmbedding(config.d_model, config.max_len)
+            self.position: nn.Module = LearnedPositionalEmbedding(
+                config.d_model, config.max_len
+            )
         else:
             self.position = SinusoidalPositionalEncoding(config.d_model, config.max_len)
         self.dropout = nn.Dropout(config.dropout)
-        self.scale = math.sqrt(config.d_model) if config.positional == "sinusoidal" else 1.0
+        self.scale = (
+            math.sqrt(config.d_model) if config.positional == "sinusoidal" else 1.0
+        )
 
-    def forward(self, ids: Tensor, segment_ids: Tensor | None = None, offset: int = 0) -> Tensor:
+    def forward(
+        self, ids: Tensor, segment_ids: Tensor | None = None, offset: int = 0
+    ) -> Tensor:
         _check_ids(ids, self.config.vocab_size, self.config.max_len, offset)
         x = self.token(ids) * self.scale + self.position(ids.shape[1], offset)
         if self.segment is not None:
             if segment_ids is None:
                 segment_ids = torch.zeros_like(ids)
             if segment_ids.shape != ids.shape:
-                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != ids shape {tuple(ids.shape)}")
+                raise ValueError(
+                    f"segment_ids shape {tuple(segment_ids.shape)} != ids shape {tuple(ids.shape)}"
+                )
             x = x + self.segment(segment_ids)
         return self.dropout(x)
 
@@ -176,12 +232,18 @@ class TransformerEncoder(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.d_model, config.num_heads, config.d_ff, config.dropout) for _ in range(config.num_layers)
+            TransformerBlock(
+                config.d_model, config.num_heads, config.d_ff, config.dropout
+            )
+            for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(config.d_model)
 
     def forward(
-        self, ids: Tensor, padding_mask: Tensor | None = None, segment_ids: Tensor | None = None
+        self,
+        ids: Tensor,
+        padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """``ids`` (B, L) -> hidden states (B, L, d_model). ``padding_mask`` is True at padding."""
         x = self.embeddings(ids, segment_ids)
@@ -198,7 +260,10 @@ class GPT(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.d_model, config.num_heads, config.d_ff, config.dropout) for _ in range(config.num_layers)
+            TransformerBlock(
+                config.d_model, config.num_heads, config.d_ff, config.dropout
+            )
+            for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -209,7 +274,10 @@ class GPT(nn.Module):
         return [KVCache() for _ in self.blocks]
 
     def forward(
-        self, ids: Tensor, cache: list[KVCache] | None = None, need_weights: bool = False
+        self,
+        ids: Tensor,
+        cache: list[KVCache] | None = None,
+        need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits (B, L, vocab) for ``ids`` (B, L).
 
@@ -220,7 +288,12 @@ class GPT(nn.Module):
         x = self.embeddings(ids, offset=offset)
         all_weights = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, is_causal=True, cache=cache[i] if cache else None, need_weights=need_weights)
+            x, weights = block(
+                x,
+                is_causal=True,
+                cache=cache[i] if cache else None,
+                need_weights=need_weights,
+            )
             all_weights.append(weights)
         logits = self.head(self.norm(x))
         return (logits, all_weights) if need_weights else logits
@@ -234,10 +307,18 @@ class EncoderDecoder(nn.Module):
         self.config = config
         self.encoder = TransformerEncoder(config)
         self.decoder_embeddings = Embeddings(config)
-        self.decoder_embeddings.token = self.encoder.embeddings.token  # shared vocabulary, shared table
+        self.decoder_embeddings.token = (
+            self.encoder.embeddings.token
+        )  # shared vocabulary, shared table
         layers = config.num_decoder_layers or config.num_layers
         self.decoder_blocks = nn.ModuleList(
-            TransformerBlock(config.d_model, config.num_heads, config.d_ff, config.dropout, cross_attention=True)
+            TransformerBlock(
+                config.d_model,
+                config.num_heads,
+                config.d_ff,
+                config.dropout,
+                cross_attention=True,
+            )
             for _ in range(layers)
         )
         self.decoder_norm = nn.LayerNorm(config.d_model)
@@ -250,7 +331,9 @@ class EncoderDecoder(nn.Module):
 
     def new_cache(self) -> tuple[list[KVCache], list[KVCache]]:
         """Self-attention caches and (static) cross-attention caches for incremental decoding."""
-        return [KVCache() for _ in self.decoder_blocks], [KVCache(static=True) for _ in self.decoder_blocks]
+        return [KVCache() for _ in self.decoder_blocks], [
+            KVCache(static=True) for _ in self.decoder_blocks
+        ]
 
     def decode(
         self,
@@ -279,7 +362,9 @@ class EncoderDecoder(nn.Module):
         """Teacher-forced logits: ``src`` (B, S), ``tgt_in`` (B, T) starting with BOS."""
         src_padding_mask = src == pad_id
         memory = self.encode(src, src_padding_mask)
-        return self.decode(tgt_in, memory, src_padding_mask, tgt_padding_mask=tgt_in == pad_id)
+        return self.decode(
+            tgt_in, memory, src_padding_mask, tgt_padding_mask=tgt_in == pad_id
+        )
 
 
 def init_weights(module: nn.Module) -> None:
@@ -294,4 +379,7 @@ def init_weights(module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct trainable parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return sum(
+        p.numel()
+        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    )

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +45,28 @@ def frequent_word_subset(
     """Indices of ``pairs`` with at most ``max_words`` words a side, all among the ``top_words``
     most frequent words (per language) of ``reference_pairs`` (the training split)."""
     if max_words < 1 or top_words < 1:
-        raise ValueError(f"max_words and top_words must be positive, got {max_words}, {top_words}")
-    keep_de = {w for w, _ in Counter(w for de, _ in reference_pairs for w in _words(de)).most_common(top_words)}
-    keep_en = {w for w, _ in Counter(w for _, en in reference_pairs for w in _words(en)).most_common(top_words)}
+        raise ValueError(
+            f"max_words and top_words must be positive, got {max_words}, {top_words}"
+        )
+    keep_de = {
+        w
+        for w, _ in Counter(
+            w for de, _ in reference_pairs for w in _words(de)
+        ).most_common(top_words)
+    }
+    keep_en = {
+        w
+        for w, _ in Counter(
+            w for _, en in reference_pairs for w in _words(en)
+        ).most_common(top_words)
+    }
     chosen = []
     for i, (de, en) in enumerate(pairs):
         if len(de.split()) > max_words or len(en.split()) > max_words:
             continue
-        if all(w in keep_de for w in _words(de)) and all(w in keep_en for w in _words(en)):
+        if all(w in keep_de for w in _words(de)) and all(
+            w in keep_en for w in _words(en)
+        ):
             chosen.append(i)
     return chosen
 
@@ -62,7 +76,9 @@ def train_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int) -> BPETok
     if not pairs:
         raise ValueError("cannot train a tokenizer on no pairs")
     texts = [de for de, _ in pairs] + [en for _, en in pairs]
-    return BPETokenizer.train(texts, vocab_size, specials=("<pad>", "<unk>", "<s>", "</s>"))
+    return BPETokenizer.train(
+        texts, vocab_size, specials=("<pad>", "<unk>", "<s>", "</s>")
+    )
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> Tensor:
@@ -90,17 +106,30 @@ class EncodedPairs:
     dropped: int = 0
 
     @classmethod
-    def build(cls, tokenizer: BPETokenizer, pairs: Sequence[tuple[str, str]], max_tokens: int = 64) -> "EncodedPairs":
+    def build(
+        cls,
+        tokenizer: BPETokenizer,
+        pairs: Sequence[tuple[str, str]],
+        max_tokens: int = 64,
+    ) -> EncodedPairs:
         """Encode ``(source, target)`` pairs; pairs longer than ``max_tokens`` on either side
         are dropped and counted in ``dropped``."""
         if not pairs:
             raise ValueError("no pairs to encode")
-        empty = [i for i, (de, en) in enumerate(pairs) if not de.strip() or not en.strip()]
+        empty = [
+            i for i, (de, en) in enumerate(pairs) if not de.strip() or not en.strip()
+        ]
         if empty:
             raise ValueError(f"pairs {empty[:5]} have an empty source or reference")
         src = tokenizer.encode_batch([de for de, _ in pairs])
-        tgt = tokenizer.encode_batch([en for _, en in pairs], add_bos=True, add_eos=True)
-        keep = [i for i in range(len(pairs)) if len(src[i]) <= max_tokens and len(tgt[i]) <= max_tokens]
+        tgt = tokenizer.encode_batch(
+            [en for _, en in pairs], add_bos=True, add_eos=True
+        )
+        keep = [
+            i
+            for i in range(len(pairs))
+            if len(src[i]) <= max_tokens and len(tgt[i]) <= max_tokens
+        ]
         return cls(
             [src[i] for i in keep],
             [tgt[i] for i in keep],
@@ -113,7 +142,7 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def subset(self, indices: Sequence[int]) -> "EncodedPairs":
+    def subset(self, indices: Sequence[int]) -> EncodedPairs:
         return EncodedPairs(
             [self.sources[i] for i in indices],
             [self.targets[i] for i in indices],
@@ -131,7 +160,9 @@ class EncodedPairs:
             indices,
         )
 
-    def token_batches(self, max_tokens: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
+    def token_batches(
+        self, max_tokens: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
         """Shuffled batches forever, each holding about ``max_tokens`` padded target tokens.
 
         Pairs of similar target length share a batch (sorted within chunks of the
@@ -140,12 +171,17 @@ class EncodedPairs:
         """
         longest = max(len(t) for t in self.targets)
         if max_tokens < longest:
-            raise ValueError(f"max_tokens={max_tokens} is below the longest target ({longest} tokens)")
+            raise ValueError(
+                f"max_tokens={max_tokens} is below the longest target ({longest} tokens)"
+            )
         while True:
             order = torch.randperm(len(self), generator=generator).tolist()
             chunk = max(1, 100 * max_tokens // longest)
             for start in range(0, len(order), chunk):
-                block = sorted(order[start : start + chunk], key=lambda i: (len(self.targets[i]), len(self.sources[i])))
+                block = sorted(
+                    order[start : start + chunk],
+                    key=lambda i: (len(self.targets[i]), len(self.sources[i])),
+                )
                 groups, current, width = [], [], 0
                 for i in block:
                     width_with = max(width, len(self.targets[i]))
@@ -159,7 +195,9 @@ class EncodedPairs:
                 for g in torch.randperm(len(groups), generator=generator).tolist():
                     yield self.batch(groups[g])
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
         """Shuffled batches forever (a new permutation every epoch, from ``generator``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -172,7 +210,11 @@ class EncodedPairs:
 
 
 def mle_loss(
-    model: EncoderDecoder, src: Tensor, tgt: Tensor, pad_id: int, label_smoothing: float = 0.1
+    model: EncoderDecoder,
+    src: Tensor,
+    tgt: Tensor,
+    pad_id: int,
+    label_smoothing: float = 0.1,
 ) -> tuple[Tensor, int]:
     """Teacher-forced cross-entropy with label smoothing, averaged over target tokens.
 
@@ -186,13 +228,18 @@ def mle_loss(
     logits = model(src, tgt[:, :-1], pad_id=pad_id)
     gold = tgt[:, 1:]
     loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1), ignore_index=pad_id, label_smoothing=label_smoothing
+        logits.reshape(-1, logits.shape[-1]).float(),
+        gold.reshape(-1),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
     )
     return loss, int((gold != pad_id).sum())
 
 
 @torch.no_grad()
-def teacher_forced_stats(model: EncoderDecoder, data: EncodedPairs, batch_size: int = 128) -> dict[str, float]:
+def teacher_forced_stats(
+    model: EncoderDecoder, data: EncodedPairs, batch_size: int = 128
+) -> dict[str, float]:
     """Teacher-forced token accuracy and NLL (nats/token, no smoothing) of the references."""
     model.eval()
     correct = total = 0
@@ -202,7 +249,11 @@ def teacher_forced_stats(model: EncoderDecoder, data: EncodedPairs, batch_size: 
         logits = model(src, tgt[:, :-1], pad_id=data.pad_id)
         gold = tgt[:, 1:]
         mask = gold != data.pad_id
-        nll += float(F.cross_entropy(logits.transpose(1, 2).float(), gold, reduction="none")[mask].sum())
+        nll += float(
+            F.cross_entropy(logits.transpose(1, 2).float(), gold, reduction="none")[
+                mask
+            ].sum()
+        )
         correct += int(((logits.argmax(-1) == gold) & mask).sum())
         total += int(mask.sum())
     return {"token_accuracy": correct / total, "nll": nll / total}
@@ -225,8 +276,14 @@ def translate_texts(
     for start in range(0, len(sources), batch_size):
         src = pad_batch(sources[start : start + batch_size], tokenizer.pad_id)
         tokens = translate(
-            model, src, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, max_len,
-            temperature=temperature, generator=generator,
+            model,
+            src,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+            tokenizer.pad_id,
+            max_len,
+            temperature=temperature,
+            generator=generator,
         )
         outputs.extend(tokenizer.decode(row) for row in tokens.tolist())
     return outputs

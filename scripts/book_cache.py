@@ -36,7 +36,9 @@ def main(cache: Path) -> int:
         return 0
     if cache.exists():
         shutil.rmtree(cache)
-        print(f"{cache}: lmpg_utils/ or the requirements changed; every notebook will be executed again")
+        print(
+            f"{cache}: lmpg_utils/ or the requirements changed; every notebook will be executed again"
+        )
     cache.mkdir(parents=True)
     stamp.write_text(current)
     return 0

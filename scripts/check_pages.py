@@ -45,16 +45,47 @@ from urllib.parse import urljoin, urlsplit
 VIRTUAL_TIME_MS = 15000
 PAGE_TIMEOUT_S = 60
 LOCAL_HOSTS = {"127.0.0.1"}
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
+VOID = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "param",
+    "source",
+    "track",
+    "wbr",
+}
 # Elements whose text is code, markup or machinery, not prose a reader sees as TeX.
-NO_PROSE = {"script", "style", "noscript", "template", "textarea", "pre", "code", "kbd", "samp", "mjx-container", "svg", "math"}
+NO_PROSE = {
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "textarea",
+    "pre",
+    "code",
+    "kbd",
+    "samp",
+    "mjx-container",
+    "svg",
+    "math",
+}
 RAW_TEX = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{")
 # A markdown table's separator row left as text (`|---|---|`; Sphinx turns `---` into an em dash).
 RAW_TABLE = re.compile(r"\|\s*:?(?:-{3,}|\u2014|\u2013):?\s*\|")
-CONSOLE = re.compile(r":CONSOLE[^\]]*\] \"(?P<msg>.*)\", source: (?P<src>\S*)(?: \(\d+\))?\s*$")
+CONSOLE = re.compile(
+    r":CONSOLE[^\]]*\] \"(?P<msg>.*)\", source: (?P<src>\S*)(?: \(\d+\))?\s*$"
+)
 
 
 # --------------------------------------------------------------------------- HTML
+
 
 class Element:
     __slots__ = ("tag", "attrs", "classes", "children", "text")
@@ -74,7 +105,9 @@ class Element:
     def all_text(self, skip: frozenset[str] = frozenset()) -> str:
         if self.tag in skip:
             return ""
-        return "".join(self.text) + "".join(child.all_text(skip) for child in self.children)
+        return "".join(self.text) + "".join(
+            child.all_text(skip) for child in self.children
+        )
 
 
 class TreeBuilder(HTMLParser):
@@ -115,7 +148,12 @@ def parse(markup: str) -> Element:
 
 
 def visible_prose(node: Element) -> str:
-    if node.tag in NO_PROSE or node.classes & {"highlight", "mermaid", "output", "cell_input"}:
+    if node.tag in NO_PROSE or node.classes & {
+        "highlight",
+        "mermaid",
+        "output",
+        "cell_input",
+    }:
         return ""
     if node.attrs.get("aria-hidden") == "true" or "hidden" in node.attrs:
         return ""
@@ -133,31 +171,65 @@ def is_remote(url: str, base: str) -> bool:
 def remote_loads(root: Element, base: str) -> list[str]:
     """Resources the page itself loads from another host (not plain links)."""
     found = []
-    loading_rels = {"stylesheet", "preload", "modulepreload", "prefetch", "icon", "manifest", "preconnect", "dns-prefetch"}
+    loading_rels = {
+        "stylesheet",
+        "preload",
+        "modulepreload",
+        "prefetch",
+        "icon",
+        "manifest",
+        "preconnect",
+        "dns-prefetch",
+    }
     for el in root.iter():
         urls = []
-        if el.tag in {"script", "img", "iframe", "frame", "embed", "audio", "video", "source", "track", "input"}:
+        if el.tag in {
+            "script",
+            "img",
+            "iframe",
+            "frame",
+            "embed",
+            "audio",
+            "video",
+            "source",
+            "track",
+            "input",
+        }:
             urls.append(el.attrs.get("src", ""))
         if el.tag == "object":
             urls.append(el.attrs.get("data", ""))
-        if el.tag == "link" and set(el.attrs.get("rel", "").lower().split()) & loading_rels:
+        if (
+            el.tag == "link"
+            and set(el.attrs.get("rel", "").lower().split()) & loading_rels
+        ):
             urls.append(el.attrs.get("href", ""))
         for url in filter(None, urls):
             if is_remote(url, base):
                 found.append(f"<{el.tag}> loads {url}")
         if el.tag == "script" and not el.attrs.get("src"):
             body = el.all_text()
-            for match in re.finditer(r"""(?:\bimport\s*\(?\s*|\bfrom\s*|\bimportScripts\s*\(\s*)["'](https?:)?//[^"']+["']""", body):
-                found.append(f"inline script imports {match.group(0).split(None, 1)[-1]}")
-            for match in re.finditer(r"""@import\s+(?:url\()?["']?(https?:)?//[^"')\s]+""", body):
+            for match in re.finditer(
+                r"""(?:\bimport\s*\(?\s*|\bfrom\s*|\bimportScripts\s*\(\s*)["'](https?:)?//[^"']+["']""",
+                body,
+            ):
+                found.append(
+                    f"inline script imports {match.group(0).split(None, 1)[-1]}"
+                )
+            for match in re.finditer(
+                r"""@import\s+(?:url\()?["']?(https?:)?//[^"')\s]+""", body
+            ):
                 found.append(f"inline CSS {match.group(0)}")
         if el.tag == "style":
-            for match in re.finditer(r"""(?:@import\s+(?:url\()?|url\()\s*["']?(?:https?:)?//[^"')\s]+""", el.all_text()):
+            for match in re.finditer(
+                r"""(?:@import\s+(?:url\()?|url\()\s*["']?(?:https?:)?//[^"')\s]+""",
+                el.all_text(),
+            ):
                 found.append(f"<style> loads {match.group(0)}")
     return found
 
 
 # --------------------------------------------------------------------------- server
+
 
 class QuietHandler(SimpleHTTPRequestHandler):
     extensions_map = {
@@ -194,36 +266,76 @@ def serve(site: Path) -> tuple[ThreadingHTTPServer, str]:
 
 # --------------------------------------------------------------------------- browser
 
+
 def find_browser(explicit: str | None) -> str:
-    for candidate in (explicit, os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+    for candidate in (
+        explicit,
+        os.environ.get("CHROMIUM"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ):
         if candidate and (path := shutil.which(candidate)):
             return path
-    sys.exit("check_pages: no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
+    sys.exit(
+        "check_pages: no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)"
+    )
 
 
-def run_browser(browser: str, url: str, screenshot: Path) -> tuple[str, str, list[str], float]:
+def run_browser(
+    browser: str, url: str, screenshot: Path
+) -> tuple[str, str, list[str], float]:
     """Returns the dumped DOM, the browser's log, the remote URLs the page requested, seconds."""
     with tempfile.TemporaryDirectory(prefix="check-pages-profile-") as profile:
         netlog = Path(profile) / "netlog.json"
         command = [
-            browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-quic", "--disable-extensions", "--disable-default-apps", "--mute-audio",
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--disable-extensions",
+            "--disable-default-apps",
+            "--mute-audio",
             f"--user-data-dir={profile}",
             # Any other host fails to resolve: a CDN load cannot succeed, and is logged.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            "--enable-logging=stderr", "--v=0",  # console messages, uncaught errors
-            f"--log-net-log={netlog}",              # every request the browser started
+            "--enable-logging=stderr",
+            "--v=0",  # console messages, uncaught errors
+            f"--log-net-log={netlog}",  # every request the browser started
             f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-            "--window-size=1280,2000", f"--screenshot={screenshot}",
-            "--dump-dom", url,
+            "--window-size=1280,2000",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            url,
         ]
         start = time.monotonic()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=PAGE_TIMEOUT_S, errors="replace")
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=PAGE_TIMEOUT_S,
+                errors="replace",
+            )
         except subprocess.TimeoutExpired as error:
-            return "", f"TIMEOUT after {PAGE_TIMEOUT_S}s: {error}", [], time.monotonic() - start
-        return done.stdout, done.stderr, page_remote_requests(netlog), time.monotonic() - start
+            return (
+                "",
+                f"TIMEOUT after {PAGE_TIMEOUT_S}s: {error}",
+                [],
+                time.monotonic() - start,
+            )
+        return (
+            done.stdout,
+            done.stderr,
+            page_remote_requests(netlog),
+            time.monotonic() - start,
+        )
 
 
 def page_remote_requests(netlog: Path) -> list[str]:
@@ -243,7 +355,9 @@ def page_remote_requests(netlog: Path) -> list[str]:
             log = json.loads(text.rstrip().rstrip(",") + "]}")
         except json.JSONDecodeError:
             return ["(network log unreadable)"]
-    start_job = log.get("constants", {}).get("logEventTypes", {}).get("URL_REQUEST_START_JOB")
+    start_job = (
+        log.get("constants", {}).get("logEventTypes", {}).get("URL_REQUEST_START_JOB")
+    )
     remote = []
     for event in log.get("events", []):
         params = event.get("params") or {}
@@ -251,7 +365,10 @@ def page_remote_requests(netlog: Path) -> list[str]:
             continue
         page_site = str(params.get("network_isolation_key", "")).split(" ")[0]
         initiator = str(params.get("initiator", ""))
-        from_page = urlsplit(page_site).hostname in LOCAL_HOSTS or urlsplit(initiator).hostname in LOCAL_HOSTS
+        from_page = (
+            urlsplit(page_site).hostname in LOCAL_HOSTS
+            or urlsplit(initiator).hostname in LOCAL_HOSTS
+        )
         if from_page and is_remote(params["url"], "http://127.0.0.1/"):
             remote.append(params["url"])
     return list(dict.fromkeys(remote))
@@ -259,13 +376,22 @@ def page_remote_requests(netlog: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- checks
 
-def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -> tuple[list[str], str]:
+
+def check_page(
+    site: Path, rel: str, base_url: str, browser: str, shots: Path
+) -> tuple[list[str], str]:
     url = urljoin(base_url, rel)
     source = parse((site / rel).read_text(encoding="utf-8", errors="replace"))
     problems = remote_loads(source, url)  # the page source itself
 
-    math_expected = sum(1 for el in source.iter() if "math" in el.classes and el.tag in {"span", "div"})
-    mermaid_expected = sum(1 for el in source.iter() if "mermaid" in el.classes and el.tag in {"pre", "div"})
+    math_expected = sum(
+        1 for el in source.iter() if "math" in el.classes and el.tag in {"span", "div"}
+    )
+    mermaid_expected = sum(
+        1
+        for el in source.iter()
+        if "mermaid" in el.classes and el.tag in {"pre", "div"}
+    )
 
     screenshot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
     first_request = len(QuietHandler.requests)
@@ -273,7 +399,9 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
     with QuietHandler.lock:
         requests = QuietHandler.requests[first_request:]
     if not dom_text.strip():
-        problems.append(f"browser returned no DOM ({log.strip().splitlines()[-1:] or 'no output'})")
+        problems.append(
+            f"browser returned no DOM ({log.strip().splitlines()[-1:] or 'no output'})"
+        )
         return problems, f"{seconds:.1f}s"
     dom = parse(dom_text)
 
@@ -283,18 +411,22 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
         problems.append(f"MathJax typeset {typeset} of {math_expected} math elements")
     for el in dom.iter():
         if el.tag == "mjx-merror":
-            problems.append(f"MathJax error: {html.unescape(el.attrs.get('data-mjx-error') or el.all_text())[:120]}")
+            problems.append(
+                f"MathJax error: {html.unescape(el.attrs.get('data-mjx-error') or el.all_text())[:120]}"
+            )
     raw = RAW_TEX.search(visible_prose(dom))
     if raw:
         prose = visible_prose(dom)
-        snippet = " ".join(prose[max(0, raw.start() - 40): raw.end() + 40].split())
+        snippet = " ".join(prose[max(0, raw.start() - 40) : raw.end() + 40].split())
         problems.append(f"raw TeX visible: ...{snippet}...")
 
     # Tables: a markdown output rendered as text shows its pipes instead of a table.
     raw_table = RAW_TABLE.search(visible_prose(dom))
     if raw_table:
         prose = visible_prose(dom)
-        snippet = " ".join(prose[max(0, raw_table.start() - 60): raw_table.end() + 20].split())
+        snippet = " ".join(
+            prose[max(0, raw_table.start() - 60) : raw_table.end() + 20].split()
+        )
         problems.append(f"raw markdown table visible: ...{snippet}...")
 
     # Mermaid.
@@ -303,8 +435,14 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
         if "mermaid" in el.classes and el.tag in {"pre", "div"}:
             svgs = [child for child in el.iter() if child.tag == "svg"]
             if not svgs or el.attrs.get("data-mermaid-render-failed") == "true":
-                problems.append("mermaid diagram not rendered to SVG: " + " ".join(el.all_text().split())[:80])
-            elif any(svg.attrs.get("aria-roledescription") == "error" for svg in svgs) or "Syntax error in text" in el.all_text():
+                problems.append(
+                    "mermaid diagram not rendered to SVG: "
+                    + " ".join(el.all_text().split())[:80]
+                )
+            elif (
+                any(svg.attrs.get("aria-roledescription") == "error" for svg in svgs)
+                or "Syntax error in text" in el.all_text()
+            ):
                 problems.append("mermaid drew its syntax-error diagram")
             else:
                 drawn += 1
@@ -314,10 +452,19 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
     # Notebook errors: myst-nb renders an error output as `<div class="output traceback ...">`.
     tracebacks = [el for el in dom.iter() if {"output", "traceback"} <= el.classes]
     for el in tracebacks:
-        lines = [line for line in el.all_text(frozenset({"button"})).strip().splitlines() if line.strip()]
-        problems.append("notebook error output: " + (lines[-1].strip()[:160] if lines else "(empty traceback)"))
+        lines = [
+            line
+            for line in el.all_text(frozenset({"button"})).strip().splitlines()
+            if line.strip()
+        ]
+        problems.append(
+            "notebook error output: "
+            + (lines[-1].strip()[:160] if lines else "(empty traceback)")
+        )
     if not tracebacks and any(
-        el.classes & {"output", "cell_output"} and "Traceback (most recent call last)" in el.all_text() for el in dom.iter()
+        el.classes & {"output", "cell_output"}
+        and "Traceback (most recent call last)" in el.all_text()
+        for el in dom.iter()
     ):
         problems.append("Python traceback in a cell output")
 
@@ -329,8 +476,11 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
         if not match:
             continue
         message, src = match.group("msg"), match.group("src")
-        if message.startswith("Uncaught") or "Failed to fetch dynamically imported module" in message \
-                or "Failed to load module script" in message:
+        if (
+            message.startswith("Uncaught")
+            or "Failed to fetch dynamically imported module" in message
+            or "Failed to load module script" in message
+        ):
             problems.append(f"JavaScript error: {message[:160]} ({src})")
     for path, status in requests:
         if status >= 400 and not path.startswith("/favicon.ico"):
@@ -347,8 +497,11 @@ def check_page(site: Path, rel: str, base_url: str, browser: str, shots: Path) -
 def landing_page(site: Path) -> str:
     index = site / "index.html"
     if index.is_file():
-        refresh = re.search(r"""http-equiv=["']?refresh["']?\s+content=["'][^"']*url=([^"'>\s]+)""",
-                            index.read_text(encoding="utf-8", errors="replace"), re.I)
+        refresh = re.search(
+            r"""http-equiv=["']?refresh["']?\s+content=["'][^"']*url=([^"'>\s]+)""",
+            index.read_text(encoding="utf-8", errors="replace"),
+            re.I,
+        )
         target = refresh.group(1) if refresh else "index.html"
         if (site / target).is_file():
             return target
@@ -358,8 +511,14 @@ def landing_page(site: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("site", nargs="?", default="_build/html", type=Path)
-    parser.add_argument("--screenshots", type=Path, default=None, help="default: SITE/../screenshots")
-    parser.add_argument("--browser", default=None, help="Chromium executable (default: $CHROMIUM or chromium)")
+    parser.add_argument(
+        "--screenshots", type=Path, default=None, help="default: SITE/../screenshots"
+    )
+    parser.add_argument(
+        "--browser",
+        default=None,
+        help="Chromium executable (default: $CHROMIUM or chromium)",
+    )
     args = parser.parse_args(argv)
 
     site = args.site.resolve()
@@ -372,13 +531,18 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     failures = 0
-    pages = [landing_page(site)] + sorted(p.relative_to(site).as_posix() for p in (site / "chapters").glob("*.html"))
+    pages = [landing_page(site)] + sorted(
+        p.relative_to(site).as_posix() for p in (site / "chapters").glob("*.html")
+    )
     # The other pages (search, index, ...) statically: nothing may be loaded from another host.
     for page in sorted(site.rglob("*.html")):
         rel = page.relative_to(site).as_posix()
         if rel.startswith("_static/") or rel in pages:
             continue
-        problems = remote_loads(parse(page.read_text(encoding="utf-8", errors="replace")), "http://127.0.0.1/" + rel)
+        problems = remote_loads(
+            parse(page.read_text(encoding="utf-8", errors="replace")),
+            "http://127.0.0.1/" + rel,
+        )
         for problem in problems:
             print(f"FAIL {rel}: {problem}")
         failures += bool(problems)
@@ -399,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - start
     if not (site / "chapters").is_dir():
         print("note: no chapters/ pages in the site; only the landing page was checked")
-    print(f"check_pages: {len(pages)} pages opened in {elapsed:.0f}s, " + (f"{failures} pages FAILED" if failures else "all passed"))
+    print(
+        f"check_pages: {len(pages)} pages opened in {elapsed:.0f}s, "
+        + (f"{failures} pages FAILED" if failures else "all passed")
+    )
     return 1 if failures else 0
 
 

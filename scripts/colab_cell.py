@@ -29,13 +29,15 @@ def repository() -> tuple[str, str]:
     repo = config.get("repository") or {}
     url, branch = repo.get("url"), repo.get("branch", "main")
     if not url or not url.startswith("https://"):
-        raise ValueError(f"_config.yml: repository.url must be an https URL, got {url!r}")
+        raise ValueError(
+            f"_config.yml: repository.url must be an https URL, got {url!r}"
+        )
     return url.rstrip("/"), branch
 
 
 def cell_source() -> str:
     url, branch = repository()
-    return f'''{MARKER}
+    return f"""{MARKER}
 # (the same in every chapter). On Colab: the book's package and its Debian corpora;
 # anywhere else this cell does nothing.
 import subprocess
@@ -45,8 +47,7 @@ if "google.colab" in sys.modules:
     package = "lmpg-utils @ git+{url}@{branch}"
     python = sys.executable
     subprocess.run([python, "-m", "pip", "install", "-q", package], check=True)
-    subprocess.run([python, "-m", "lmpg_utils", "data", "--install"], check=True)
-'''
+    subprocess.run([python, "-m", "lmpg_utils", "data", "--install"], check=True)"""
 
 
 def chapters() -> list[Path]:
@@ -54,7 +55,9 @@ def chapters() -> list[Path]:
 
 
 def _first_code_cell(notebook: dict) -> int:
-    return next(i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code")
+    return next(
+        i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
+    )
 
 
 def _lines(text: str) -> list[str]:
@@ -65,19 +68,29 @@ def _lines(text: str) -> list[str]:
 def stale(path: Path) -> bool:
     notebook = json.loads(path.read_text(encoding="utf-8"))
     cell = notebook["cells"][_first_code_cell(notebook)]
-    return "".join(cell["source"]) != cell_source() or cell["metadata"].get("tags") != TAGS
+    return (
+        "".join(cell["source"]) != cell_source() or cell["metadata"].get("tags") != TAGS
+    )
 
 
 def write(path: Path) -> None:
     notebook = json.loads(path.read_text(encoding="utf-8"))
     index = _first_code_cell(notebook)
-    cell = {"cell_type": "code", "execution_count": None, "id": "colab-setup",
-            "metadata": {"tags": TAGS}, "outputs": [], "source": _lines(cell_source())}
+    cell = {
+        "cell_type": "code",
+        "execution_count": None,
+        "id": "colab-setup",
+        "metadata": {"tags": TAGS},
+        "outputs": [],
+        "source": _lines(cell_source()),
+    }
     if "".join(notebook["cells"][index]["source"]).startswith(MARKER):
         notebook["cells"][index] = cell
     else:
         notebook["cells"].insert(index, cell)
-    path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -90,7 +103,9 @@ def main(argv: list[str]) -> int:
         return 0
     bad = [path.name for path in chapters() if stale(path)]
     for name in bad:
-        print(f"colab_cell: {name} does not start with the generated set-up cell; run --write")
+        print(
+            f"colab_cell: {name} does not start with the generated set-up cell; run --write"
+        )
     return 1 if bad else 0
 
 

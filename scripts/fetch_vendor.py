@@ -73,7 +73,15 @@ def fetch(name: str, version: str, digest: str, cache: Path) -> Path:
     if npm:
         print(f"fetch_vendor: npm pack {name}@{version}", flush=True)
         subprocess.run(
-            [npm, "pack", f"{name}@{version}", "--pack-destination", str(cache), "--silent", "--prefer-offline"],
+            [
+                npm,
+                "pack",
+                f"{name}@{version}",
+                "--pack-destination",
+                str(cache),
+                "--silent",
+                "--prefer-offline",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -97,18 +105,22 @@ def unpack(tarball: Path, keep: dict[str, str], target: Path) -> int:
         for member in archive.getmembers():
             if not member.isfile() or not member.name.startswith("package/"):
                 continue
-            inner = member.name[len("package/"):]
+            inner = member.name[len("package/") :]
             if inner.endswith(SKIP_SUFFIXES):
                 continue
             for prefix, mapped in keep.items():
-                if inner == prefix or (prefix.endswith("/") and inner.startswith(prefix)):
-                    rel = mapped + inner[len(prefix):]
+                if inner == prefix or (
+                    prefix.endswith("/") and inner.startswith(prefix)
+                ):
+                    rel = mapped + inner[len(prefix) :]
                     break
             else:
                 continue
             out = (target / rel).resolve()
             if target.resolve() not in out.parents:
-                sys.exit(f"fetch_vendor: refusing to write outside {target}: {member.name}")
+                sys.exit(
+                    f"fetch_vendor: refusing to write outside {target}: {member.name}"
+                )
             out.parent.mkdir(parents=True, exist_ok=True)
             with archive.extractfile(member) as source:
                 out.write_bytes(source.read())

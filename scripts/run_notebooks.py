@@ -46,7 +46,10 @@ def slowest_cells(notebook: nbformat.NotebookNode, count: int = 3) -> str:
     seconds = []
     for number, cell in enumerate(notebook.cells):
         timing = cell.get("metadata", {}).get("execution", {})
-        began, ended = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        began, ended = (
+            timing.get("iopub.execute_input"),
+            timing.get("shell.execute_reply"),
+        )
         if cell.cell_type == "code" and began and ended:
             spent = datetime.fromisoformat(ended) - datetime.fromisoformat(began)
             seconds.append((spent.total_seconds(), number))
@@ -69,13 +72,17 @@ def execute(path: str, timeout: int) -> tuple[str, str, float, str | None, str]:
         record_timing=True,
     )
     slowest = slowest_cells(notebook)
-    for cell in notebook.cells:  # jupyter-cache hashes cell metadata: keep it as in the source
+    for (
+        cell
+    ) in notebook.cells:  # jupyter-cache hashes cell metadata: keep it as in the source
         cell.get("metadata", {}).pop("execution", None)
     error = None if result.err is None else result.exc_string or repr(result.err)
     return path, nbformat.writes(notebook), result.time, error, slowest
 
 
-def _store(cache_dir: Path, path: str, executed: str, passed: bool, seconds: float) -> None:
+def _store(
+    cache_dir: Path, path: str, executed: str, passed: bool, seconds: float
+) -> None:
     """Put a passing execution into the book's cache; drop a stale one on failure. The
     cache matches by code cells, so the notebook as executed (not the file, which may
     have been edited meanwhile) finds its record."""
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     timings_file = args.cache.parent / TIMINGS
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     # Longest first (unknown ones count as longest), so the slowest does not start last.
-    order = sorted(args.notebooks, key=lambda p: -timings.get(Path(p).name, float("inf")))
+    order = sorted(
+        args.notebooks, key=lambda p: -timings.get(Path(p).name, float("inf"))
+    )
 
     began = time.perf_counter()
     failed: list[str] = []
@@ -124,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             name = Path(path).name
             if error is None:
                 timings[name] = round(seconds, 1)
-                print(f"PASSED {name} in {seconds:.0f} s (slowest: {slowest})", flush=True)
+                print(
+                    f"PASSED {name} in {seconds:.0f} s (slowest: {slowest})", flush=True
+                )
             else:
                 failed.append(name)
-                print(f"FAILED {name} after {seconds:.0f} s (slowest: {slowest})", flush=True)
+                print(
+                    f"FAILED {name} after {seconds:.0f} s (slowest: {slowest})",
+                    flush=True,
+                )
                 print(_report(error), flush=True)
     timings_file.parent.mkdir(parents=True, exist_ok=True)
     timings_file.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")

@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpg_utils.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
+from lmpg_utils.attention import (
+    KVCache,
+    MultiHeadAttention,
+    scaled_dot_product_attention,
+)
 
 ATOL = 1e-5
 
@@ -65,13 +69,17 @@ def test_matches_torch_sdpa_bool_and_float_masks():
     assert float(weights.masked_select(~mask.expand_as(weights)).abs().max()) == 0.0
     additive = torch.randn(5, 7)
     ours, _ = scaled_dot_product_attention(q, k, v, attn_mask=additive)
-    assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=additive), atol=ATOL)
+    assert torch.allclose(
+        ours, F.scaled_dot_product_attention(q, k, v, attn_mask=additive), atol=ATOL
+    )
 
 
 def test_custom_scale():
     q, k, v = _qkv()
     ours, _ = scaled_dot_product_attention(q, k, v, scale=0.3)
-    assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=ATOL)
+    assert torch.allclose(
+        ours, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=ATOL
+    )
 
 
 def _mha_pair(d_model=16, heads=4):
@@ -98,8 +106,12 @@ def test_multi_head_matches_torch_with_padding_and_causal_masks(use_sdpa):
         assert torch.allclose(ours(x, is_causal=True)[0], theirs, atol=ATOL)
         assert torch.allclose(ours(x, attn_mask=causal)[0], theirs, atol=ATOL)
         # both
-        theirs, _ = reference(x, x, x, key_padding_mask=padding, attn_mask=~causal, need_weights=False)
-        assert torch.allclose(ours(x, key_padding_mask=padding, is_causal=True)[0], theirs, atol=ATOL)
+        theirs, _ = reference(
+            x, x, x, key_padding_mask=padding, attn_mask=~causal, need_weights=False
+        )
+        assert torch.allclose(
+            ours(x, key_padding_mask=padding, is_causal=True)[0], theirs, atol=ATOL
+        )
 
 
 def test_cross_attention_and_weights_match_torch():
@@ -108,7 +120,9 @@ def test_cross_attention_and_weights_match_torch():
     padding = torch.zeros(2, 9, dtype=torch.bool)
     padding[1, 6:] = True
     with torch.no_grad():
-        theirs, their_weights = reference(x, memory, memory, key_padding_mask=padding, average_attn_weights=False)
+        theirs, their_weights = reference(
+            x, memory, memory, key_padding_mask=padding, average_attn_weights=False
+        )
         out, weights = ours(x, memory, key_padding_mask=padding, need_weights=True)
     assert torch.allclose(out, theirs, atol=ATOL)
     assert torch.allclose(weights, their_weights, atol=ATOL)
@@ -137,7 +151,10 @@ def test_kv_cache_incremental_equals_full_causal():
         full, _ = attention(x, is_causal=True)
         cache = KVCache()
         first, _ = attention(x[:, :3], is_causal=True, cache=cache)  # a prompt of 3
-        steps = [attention(x[:, i : i + 1], is_causal=True, cache=cache)[0] for i in range(3, 6)]
+        steps = [
+            attention(x[:, i : i + 1], is_causal=True, cache=cache)[0]
+            for i in range(3, 6)
+        ]
     assert len(cache) == 6
     assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=ATOL)
 
@@ -148,7 +165,9 @@ def test_static_cache_is_filled_once():
     cache = KVCache(static=True)
     with torch.no_grad():
         a, _ = attention(x, memory, cache=cache)
-        b, _ = attention(x, torch.zeros_like(memory), cache=cache)  # memory ignored: cached
+        b, _ = attention(
+            x, torch.zeros_like(memory), cache=cache
+        )  # memory ignored: cached
     assert len(cache) == 5
     assert torch.allclose(a, b)
     cache.reorder(torch.tensor([1, 1, 0]))
@@ -168,9 +187,15 @@ def test_heads_must_divide_d_model():
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        (((2, 3, 4), (2, 3, 5), (2, 3, 4)), r"query dim 4 != key dim 5 \(shapes \(2, 3, 4\), \(2, 3, 5\)\)"),
+        (
+            ((2, 3, 4), (2, 3, 5), (2, 3, 4)),
+            r"query dim 4 != key dim 5 \(shapes \(2, 3, 4\), \(2, 3, 5\)\)",
+        ),
         (((2, 3, 4), (2, 3, 4), (2, 4, 4)), r"key length 3 != value length 4"),
-        (((2, 3, 4), (3, 3, 4), (3, 3, 4)), r"batch dims of query \(2, 3, 4\), key \(3, 3, 4\)"),
+        (
+            ((2, 3, 4), (3, 3, 4), (3, 3, 4)),
+            r"batch dims of query \(2, 3, 4\), key \(3, 3, 4\)",
+        ),
         (((4,), (3, 4), (3, 4)), r"at least 2 dims"),
         (((0, 3, 4), (0, 3, 4), (0, 3, 4)), r"empty input: query \(0, 3, 4\)"),
         (((2, 3, 4), (2, 0, 4), (2, 0, 4)), r"empty input"),
@@ -184,28 +209,45 @@ def test_formula_rejects_bad_shapes(shapes, message):
 
 def test_formula_rejects_bad_masks():
     q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
-    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 3\) does not broadcast to the scores' shape \(2, 3, 5\)"):
-        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(
+        ValueError,
+        match=r"attn_mask of shape \(3, 3\) does not broadcast to the scores' shape \(2, 3, 5\)",
+    ):
+        scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="must be bool .* got dtype torch.int64"):
-        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.long))
+        scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.long)
+        )
 
 
 def test_multi_head_rejects_bad_input():
     attention = MultiHeadAttention(16, 4)
     x = torch.randn(2, 5, 16)
-    with pytest.raises(ValueError, match=r"query must be \(batch, length, 16\), got \(2, 5, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"query must be \(batch, length, 16\), got \(2, 5, 8\)"
+    ):
         attention(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"query must be"):
         attention(torch.randn(5, 16))
     with pytest.raises(ValueError, match=r"empty batch: query has shape \(0, 5, 16\)"):
         attention(torch.randn(0, 5, 16))
-    with pytest.raises(ValueError, match=r"key_value must be \(batch=2, length, 16\), got \(3, 5, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"key_value must be \(batch=2, length, 16\), got \(3, 5, 16\)"
+    ):
         attention(x, torch.randn(3, 5, 16))
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, key_length\) = \(2, 5\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"key_padding_mask must have shape \(batch, key_length\) = \(2, 5\), got \(2, 4\)",
+    ):
         attention(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
         attention(x, key_padding_mask=torch.zeros(2, 5))
-    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 3\) does not broadcast to .* \(2, 4, 5, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"attn_mask of shape \(3, 3\) does not broadcast to .* \(2, 4, 5, 5\)",
+    ):
         attention(x, attn_mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must be bool"):
         attention(x, attn_mask=torch.ones(5, 5, dtype=torch.int32))
@@ -213,4 +255,6 @@ def test_multi_head_rejects_bad_input():
 
 def test_load_from_torch_rejects_size_mismatch():
     with pytest.raises(ValueError, match="size mismatch"):
-        MultiHeadAttention(16, 4).load_from_torch(nn.MultiheadAttention(16, 2, batch_first=True))
+        MultiHeadAttention(16, 4).load_from_torch(
+            nn.MultiheadAttention(16, 2, batch_first=True)
+        )

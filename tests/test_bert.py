@@ -13,7 +13,6 @@ from lmpg_utils.tokenization import BPETokenizer
 from lmpg_utils.transformer import TransformerConfig
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared CPU extra threads spin and stall."""
@@ -23,7 +22,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-SPECIAL = bert.SpecialIds(pad=0, cls=5, sep=6, mask=4, vocab_size=200, specials=tuple(range(7)))
+SPECIAL = bert.SpecialIds(
+    pad=0, cls=5, sep=6, mask=4, vocab_size=200, specials=tuple(range(7))
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,15 @@ def _verses() -> list[FakeVerse]:
     for book in ("Alpha", "Beta", "Gamma"):
         for chapter in (1, 2):
             for number in range(1, 9):
-                verses.append(FakeVerse(book, chapter, number, f"{book} {chapter}:{number} says word{number}.", len(verses)))
+                verses.append(
+                    FakeVerse(
+                        book,
+                        chapter,
+                        number,
+                        f"{book} {chapter}:{number} says word{number}.",
+                        len(verses),
+                    )
+                )
     return verses
 
 
@@ -71,23 +80,38 @@ def test_masking_proportions_match_bert():
     assert _within(stats["random_fraction"], 0.1, stats["chosen"])
     assert _within(stats["kept_fraction"], 0.1, stats["chosen"])
     # the proportions test can fail: a 30% masking rate is far outside the band
-    wrong = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(1), mask_prob=0.3)
-    assert not _within(bert.masking_statistics(ids, wrong, SPECIAL)["chosen_fraction"], 0.15, stats["eligible"])
+    wrong = bert.mask_tokens(
+        ids, SPECIAL, torch.Generator().manual_seed(1), mask_prob=0.3
+    )
+    assert not _within(
+        bert.masking_statistics(ids, wrong, SPECIAL)["chosen_fraction"],
+        0.15,
+        stats["eligible"],
+    )
 
 
 def test_masking_never_touches_specials_and_labels_only_chosen():
     ids = _batch(seed=3)
-    masked = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(2), mask_prob=0.9)
+    masked = bert.mask_tokens(
+        ids, SPECIAL, torch.Generator().manual_seed(2), mask_prob=0.9
+    )
     special = torch.isin(ids, torch.tensor(SPECIAL.specials))
-    assert torch.equal(masked.input_ids[special], ids[special])  # [CLS], [SEP], padding untouched
+    assert torch.equal(
+        masked.input_ids[special], ids[special]
+    )  # [CLS], [SEP], padding untouched
     assert (masked.labels[special] == bert.IGNORE_INDEX).all()
     chosen = masked.labels != bert.IGNORE_INDEX
     assert torch.equal(masked.labels[chosen], ids[chosen])
     assert torch.equal(masked.input_ids[~chosen], ids[~chosen])
     assert (masked.input_ids[masked.action == bert.MASKED] == SPECIAL.mask).all()
-    assert torch.equal(masked.input_ids[masked.action == bert.KEPT], ids[masked.action == bert.KEPT])
+    assert torch.equal(
+        masked.input_ids[masked.action == bert.KEPT], ids[masked.action == bert.KEPT]
+    )
     randoms = masked.input_ids[masked.action == bert.RANDOM]
-    assert randoms.numel() > 0 and not torch.isin(randoms, torch.tensor(SPECIAL.specials)).any()
+    assert (
+        randoms.numel() > 0
+        and not torch.isin(randoms, torch.tensor(SPECIAL.specials)).any()
+    )
 
 
 def test_masking_is_reproducible_with_a_generator():
@@ -95,7 +119,9 @@ def test_masking_is_reproducible_with_a_generator():
     one = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(7))
     two = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(7))
     other = bert.mask_tokens(ids, SPECIAL, torch.Generator().manual_seed(8))
-    assert torch.equal(one.input_ids, two.input_ids) and torch.equal(one.labels, two.labels)
+    assert torch.equal(one.input_ids, two.input_ids) and torch.equal(
+        one.labels, two.labels
+    )
     assert not torch.equal(one.labels, other.labels)
 
 
@@ -123,7 +149,9 @@ def test_nsp_pairs_half_next_and_negatives_by_kind():
             elif kind == "other_book":
                 assert b.book != a.book
             elif kind == "same_chapter":
-                assert (b.book, b.chapter) == (a.book, a.chapter) and abs(b.index - a.index) >= 2
+                assert (b.book, b.chapter) == (a.book, a.chapter) and abs(
+                    b.index - a.index
+                ) >= 2
             else:
                 assert (b.book, b.chapter) != (a.book, a.chapter)
     many = bert.make_nsp_pairs(verses, "random", seed=1, p_next=0.5)
@@ -136,7 +164,9 @@ def test_nsp_pairs_half_next_and_negatives_by_kind():
 
 
 def test_encode_pairs_layout_and_segments():
-    batch = bert.encode_pairs([[10, 11, 12]], [[20, 21]], SPECIAL, max_len=16, labels=[True])
+    batch = bert.encode_pairs(
+        [[10, 11, 12]], [[20, 21]], SPECIAL, max_len=16, labels=[True]
+    )
     assert batch.ids.tolist() == [[5, 10, 11, 12, 6, 20, 21, 6]]
     assert batch.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
     assert batch.truncated == 0 and not batch.padding_mask.any()
@@ -144,7 +174,9 @@ def test_encode_pairs_layout_and_segments():
 
 def test_too_long_pairs_are_truncated_longer_side_first_and_counted():
     a, b = list(range(10, 30)), list(range(40, 45))
-    batch = bert.encode_pairs([a, [7, 8]], [b, [9]], SPECIAL, max_len=13, labels=[True, False])
+    batch = bert.encode_pairs(
+        [a, [7, 8]], [b, [9]], SPECIAL, max_len=13, labels=[True, False]
+    )
     assert batch.truncated == 1
     row = batch.ids[0].tolist()
     assert len(row) == 13 and row[0] == SPECIAL.cls and row.count(SPECIAL.sep) == 2
@@ -164,62 +196,118 @@ def test_encoding_rejects_empty_and_unknown():
 
 
 def test_tokenize_texts_rejects_empty_text():
-    tokenizer = BPETokenizer.train(["in the beginning god created the heavens and the earth"] * 5, 60)
+    tokenizer = BPETokenizer.train(
+        ["in the beginning god created the heavens and the earth"] * 5, 60
+    )
     assert bert.tokenize_texts(tokenizer, ["the earth"])[0]
     with pytest.raises(ValueError, match="text 1 is empty"):
         bert.tokenize_texts(tokenizer, ["the earth", ""])
     special = bert.SpecialIds.from_tokenizer(tokenizer)
-    assert {special.pad, special.cls, special.sep, special.mask} <= set(special.specials)
+    assert {special.pad, special.cls, special.sep, special.mask} <= set(
+        special.specials
+    )
 
 
 def _tiny_model() -> bert.BertModel:
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=200, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16,
-                               dropout=0.0, num_segments=2)
+    config = TransformerConfig(
+        vocab_size=200,
+        d_model=32,
+        num_heads=2,
+        num_layers=1,
+        d_ff=64,
+        max_len=16,
+        dropout=0.0,
+        num_segments=2,
+    )
     return bert.BertModel(config)
 
 
 def test_model_heads_shapes_and_tied_decoder():
     model = _tiny_model()
-    batch = bert.encode_pairs([[10, 11, 12], [13]], [[20, 21], [22, 23]], SPECIAL, max_len=16, labels=[True, False])
+    batch = bert.encode_pairs(
+        [[10, 11, 12], [13]],
+        [[20, 21], [22, 23]],
+        SPECIAL,
+        max_len=16,
+        labels=[True, False],
+    )
     mlm, nsp = model(batch.ids, batch.segment_ids, batch.padding_mask)
     assert mlm.shape == (2, batch.ids.shape[1], 200) and nsp.shape == (2, 2)
     with torch.no_grad():
-        model.encoder.embeddings.token.weight[42] += 1.0  # the decoder reads the same table
+        model.encoder.embeddings.token.weight[42] += (
+            1.0  # the decoder reads the same table
+        )
         hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
-        direct = model.mlm_transform(hidden) @ model.encoder.embeddings.token.weight.T + model.mlm_bias
+        direct = (
+            model.mlm_transform(hidden) @ model.encoder.embeddings.token.weight.T
+            + model.mlm_bias
+        )
     assert torch.allclose(model.mlm_logits(hidden), direct)
     with pytest.raises(ValueError, match="num_segments=2"):
-        bert.BertModel(TransformerConfig(vocab_size=50, d_model=16, num_heads=2, num_layers=1, max_len=8))
+        bert.BertModel(
+            TransformerConfig(
+                vocab_size=50, d_model=16, num_heads=2, num_layers=1, max_len=8
+            )
+        )
 
 
 def test_pretraining_overfits_a_tiny_batch_and_finetuning_runs():
     model = _tiny_model()
     a = [[10 + i, 30 + i, 50 + i] for i in range(8)]
     b = [[70 + i, 90 + i] for i in range(8)]
-    data = bert.encode_pairs(a, b, SPECIAL, max_len=16, labels=[i % 2 == 0 for i in range(8)])
-    history = bert.pretrain(model, data, SPECIAL, steps=150, batch_size=8, lr=3e-3, warmup_steps=5, progress=False)
+    data = bert.encode_pairs(
+        a, b, SPECIAL, max_len=16, labels=[i % 2 == 0 for i in range(8)]
+    )
+    history = bert.pretrain(
+        model,
+        data,
+        SPECIAL,
+        steps=150,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        progress=False,
+    )
     assert sum(history.nsp_losses[-10:]) / 10 < 0.3 < history.nsp_losses[0]
     scores = bert.evaluate_pretraining(model, data, SPECIAL)
     assert scores["nsp_accuracy"] == 1.0 and scores["nsp_majority"] == 0.5
     classifier = bert.BertClassifier(model, 2)
-    labelled = bert.encode_single(a, SPECIAL, max_len=16, labels=[i % 2 for i in range(8)])
+    labelled = bert.encode_single(
+        a, SPECIAL, max_len=16, labels=[i % 2 for i in range(8)]
+    )
     bert.fine_tune(classifier, labelled, steps=60, batch_size=8, lr=3e-3)
     assert bert.classifier_accuracy(classifier, labelled) == 1.0
 
 
 def test_mlm_accuracy_by_kind_of_position_adds_up():
     torch.manual_seed(0)
-    model = bert.BertModel(TransformerConfig(vocab_size=SPECIAL.vocab_size, d_model=16, num_heads=2, num_layers=1,
-                                             d_ff=32, max_len=40, num_segments=2))
+    model = bert.BertModel(
+        TransformerConfig(
+            vocab_size=SPECIAL.vocab_size,
+            d_model=16,
+            num_heads=2,
+            num_layers=1,
+            d_ff=32,
+            max_len=40,
+            num_segments=2,
+        )
+    )
     g = torch.Generator().manual_seed(0)
-    a = [torch.randint(5, SPECIAL.vocab_size, (15,), generator=g).tolist() for _ in range(200)]
-    data = bert.encode_pairs(a, a, SPECIAL, max_len=40, labels=[i % 2 == 0 for i in range(200)])
+    a = [
+        torch.randint(5, SPECIAL.vocab_size, (15,), generator=g).tolist()
+        for _ in range(200)
+    ]
+    data = bert.encode_pairs(
+        a, a, SPECIAL, max_len=40, labels=[i % 2 == 0 for i in range(200)]
+    )
     scores = bert.evaluate_pretraining(model, data, SPECIAL, baseline_token=7)
     counts = {k: scores[f"mlm_count_{k}"] for k in bert.MLM_KINDS}
     assert sum(counts.values()) == scores["mlm_labels"] > 500
     assert abs(counts["masked"] / scores["mlm_labels"] - 0.8) < 0.05
-    assert abs(counts["random"] / scores["mlm_labels"] - 0.1) < 0.04  # a random draw may hit the original
+    assert (
+        abs(counts["random"] / scores["mlm_labels"] - 0.1) < 0.04
+    )  # a random draw may hit the original
     right = sum(scores[f"mlm_accuracy_{k}"] * counts[k] for k in bert.MLM_KINDS)
     assert abs(right / scores["mlm_labels"] - scores["mlm_accuracy"]) < 1e-9
     assert all(0 <= scores[f"mlm_baseline_{k}"] <= 1 for k in bert.MLM_KINDS)
@@ -236,12 +324,25 @@ def test_run_bert_trains_once_then_loads_the_same_model(tmp_path, monkeypatch):
     for parsed in caching.cache_dir().glob("*.json"):
         shutil.copy(parsed, tmp_path)
     monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    tiny = dataclasses.replace(experiment.CONFIGS["quick"], pretrain_steps=6, pretrain_pairs=200, eval_pairs=60,
-                               finetune_steps=2, label_counts=(8,), test_per_class=5)
+    tiny = dataclasses.replace(
+        experiment.CONFIGS["quick"],
+        pretrain_steps=6,
+        pretrain_pairs=200,
+        eval_pairs=60,
+        finetune_steps=2,
+        label_counts=(8,),
+        test_per_class=5,
+    )
     monkeypatch.setitem(experiment.CONFIGS, "quick", tiny)
     tokenizer = experiment.train_tokenizer("quick")
     first = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
     second = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
     assert not first.pretrain_cached and second.pretrain_cached
-    assert second.history.nsp_losses == first.history.nsp_losses and len(second.history.steps) == 6
-    assert second.mlm_accuracy == first.mlm_accuracy and second.nsp_accuracy == first.nsp_accuracy
+    assert (
+        second.history.nsp_losses == first.history.nsp_losses
+        and len(second.history.steps) == 6
+    )
+    assert (
+        second.mlm_accuracy == first.mlm_accuracy
+        and second.nsp_accuracy == first.nsp_accuracy
+    )

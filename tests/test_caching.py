@@ -15,13 +15,17 @@ from lmpg_utils.training import save_checkpoint
 @pytest.fixture
 def package_copy(tmp_path):
     copy = tmp_path / "lmpg_utils"
-    shutil.copytree(caching.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        caching.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
     return copy
 
 
 def test_source_hash_changes_with_any_edit_of_a_copy(package_copy):
     original = caching.source_hash(package_copy)
-    assert original == caching.source_hash.__wrapped__(caching.PACKAGE_ROOT)  # the copy hashes like the package
+    assert original == caching.source_hash.__wrapped__(
+        caching.PACKAGE_ROOT
+    )  # the copy hashes like the package
     target = package_copy / "training.py"
     target.write_text(target.read_text() + "\n# an edit\n")
     edited = caching.source_hash.__wrapped__(package_copy)
@@ -33,8 +37,15 @@ def test_source_hash_changes_with_any_edit_of_a_copy(package_copy):
 def test_artifact_key_depends_on_code_config_seed_and_torch(package_copy):
     config = {"d_model": 32, "steps": 10}
     key = caching.artifact_key("toy", config, seed=0, root=package_copy)
-    assert key["torch"] == torch.__version__ and key["code"] == caching.source_hash(package_copy)
-    assert caching.artifact_key("toy", dict(reversed(list(config.items()))), 0, package_copy) == key
+    assert key["torch"] == torch.__version__ and key["code"] == caching.source_hash(
+        package_copy
+    )
+    assert (
+        caching.artifact_key(
+            "toy", dict(reversed(list(config.items()))), 0, package_copy
+        )
+        == key
+    )
     assert caching.artifact_key("toy", config, 1, package_copy) != key
     assert caching.artifact_key("toy", {**config, "steps": 11}, 0, package_copy) != key
     (package_copy / "runtime.py").write_text("# edited\n")
@@ -54,7 +65,9 @@ def test_trained_artifacts_are_keyed_by_this_code():
     key = PGConfig().start_key()
     assert key["code"] == caching.source_hash() and key["torch"] == torch.__version__
     assert key["seed"] == PGConfig().start_seed
-    assert PGConfig(pg_lr=0.5).start_key() == key  # fine-tuning settings do not retrain the start
+    assert (
+        PGConfig(pg_lr=0.5).start_key() == key
+    )  # fine-tuning settings do not retrain the start
     assert PGConfig(d_model=64).start_key() != key
 
 

@@ -14,11 +14,17 @@ from lmpg_utils import corpora
 def test_data_reports_both_corpora(capsys):
     assert cli.main(["data"]) == 0
     out = capsys.readouterr().out
-    assert "ding: /usr/share/trans/de-en sha256=" in out and "pairs=" in out and "'test':" in out
+    assert (
+        "ding: /usr/share/trans/de-en sha256=" in out
+        and "pairs=" in out
+        and "'test':" in out
+    )
     assert "web: " in out and "verses=" in out
 
 
-def test_data_reports_a_missing_corpus_with_the_install_command(monkeypatch, tmp_path, capsys):
+def test_data_reports_a_missing_corpus_with_the_install_command(
+    monkeypatch, tmp_path, capsys
+):
     monkeypatch.setattr(corpora, "DING_PATH", tmp_path / "missing")
     assert cli.main(["data"]) == 1
     out = capsys.readouterr().out
@@ -34,5 +40,10 @@ def test_unknown_experiment_and_profile_are_rejected():
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "lmpg_utils", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lmpg_utils", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "run" in done.stdout and "data" in done.stdout

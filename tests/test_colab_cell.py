@@ -11,13 +11,17 @@ def test_every_chapter_starts_with_the_generated_cell(load_script):
     assert colab_cell.main(["colab_cell.py", "--check"]) == 0
 
 
-def test_the_cell_follows_config_and_stays_within_the_page(load_script, tmp_path, monkeypatch):
+def test_the_cell_follows_config_and_stays_within_the_page(
+    load_script, tmp_path, monkeypatch
+):
     colab_cell = load_script("colab_cell")
     url, branch = colab_cell.repository()
     source = colab_cell.cell_source()
-    assert f"git+{url}@{branch}" in source and "data\", \"--install" in source
+    assert f"git+{url}@{branch}" in source and 'data", "--install' in source
     assert max(len(line) for line in source.splitlines()) <= 88
-    monkeypatch.setattr(colab_cell, "repository", lambda: ("https://example.org/fork/lmpg", "dev"))
+    monkeypatch.setattr(
+        colab_cell, "repository", lambda: ("https://example.org/fork/lmpg", "dev")
+    )
     assert "git+https://example.org/fork/lmpg@dev" in colab_cell.cell_source()
     # a notebook whose cell was generated from the old URL is now stale; --write fixes it
     notebook = tmp_path / "chapters" / "99_x.ipynb"

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpg_utils.generation import generate, pick_next, sequence_log_probs, target_mask, translate
+from lmpg_utils.generation import (
+    generate,
+    pick_next,
+    sequence_log_probs,
+    target_mask,
+    translate,
+)
 from lmpg_utils.transformer import GPT, EncoderDecoder, TransformerConfig
 
 PAD, BOS, EOS = 0, 2, 3
@@ -18,7 +24,15 @@ def _seed():
 
 
 def _gpt(**overrides) -> GPT:
-    values = dict(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=40, dropout=0.0)
+    values = dict(
+        vocab_size=40,
+        d_model=32,
+        num_heads=4,
+        num_layers=2,
+        d_ff=64,
+        max_len=40,
+        dropout=0.0,
+    )
     values.update(overrides)
     return GPT(TransformerConfig(**values)).eval()
 
@@ -28,13 +42,21 @@ def test_pick_next_greedy_top_k_and_temperature():
     assert pick_next(logits, temperature=0).tolist() == [1, 0]
     generator = torch.Generator().manual_seed(0)
     # top_k=1 is greedy whatever the temperature
-    assert pick_next(logits, temperature=5.0, top_k=1, generator=generator).tolist() == [1, 0]
+    assert pick_next(
+        logits, temperature=5.0, top_k=1, generator=generator
+    ).tolist() == [1, 0]
     # top_k=2 never picks outside the two best
-    draws = torch.stack([pick_next(logits, 1.0, top_k=2, generator=generator) for _ in range(200)])
+    draws = torch.stack(
+        [pick_next(logits, 1.0, top_k=2, generator=generator) for _ in range(200)]
+    )
     assert set(draws[:, 0].tolist()) <= {1, 3} and set(draws[:, 0].tolist()) == {1, 3}
     # a low temperature concentrates, a high one spreads
-    cold = torch.stack([pick_next(logits[:1], 0.2, generator=generator) for _ in range(300)])
-    hot = torch.stack([pick_next(logits[:1], 5.0, generator=generator) for _ in range(300)])
+    cold = torch.stack(
+        [pick_next(logits[:1], 0.2, generator=generator) for _ in range(300)]
+    )
+    hot = torch.stack(
+        [pick_next(logits[:1], 5.0, generator=generator) for _ in range(300)]
+    )
     assert (cold == 1).float().mean() > 0.95
     assert (hot == 1).float().mean() < 0.6
 
@@ -58,8 +80,24 @@ def test_pick_next_rejects_bad_settings():
 def test_cached_generation_equals_uncached(temperature, top_k):
     model = _gpt()
     prompt = torch.randint(4, 40, (3, 4))
-    fast = generate(model, prompt, 12, temperature, top_k, use_cache=True, generator=torch.Generator().manual_seed(7))
-    slow = generate(model, prompt, 12, temperature, top_k, use_cache=False, generator=torch.Generator().manual_seed(7))
+    fast = generate(
+        model,
+        prompt,
+        12,
+        temperature,
+        top_k,
+        use_cache=True,
+        generator=torch.Generator().manual_seed(7),
+    )
+    slow = generate(
+        model,
+        prompt,
+        12,
+        temperature,
+        top_k,
+        use_cache=False,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert fast.shape == (3, 16)
     assert torch.equal(fast[:, :4], prompt)
     assert torch.equal(fast, slow)
@@ -79,7 +117,9 @@ def test_generate_keeps_training_mode_and_rejects_bad_input():
     model.train()
     generate(model, torch.full((1, 1), BOS), 2)
     assert model.training
-    with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor, got shape \(0, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"non-empty \(batch, length\) tensor, got shape \(0, 3\)"
+    ):
         generate(model, torch.zeros(0, 3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="exceeds max_len 40"):
         generate(model, torch.full((1, 30), BOS), 11)
@@ -88,7 +128,15 @@ def test_generate_keeps_training_mode_and_rejects_bad_input():
 
 
 def _seq2seq() -> EncoderDecoder:
-    config = TransformerConfig(vocab_size=30, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=30, dropout=0.0)
+    config = TransformerConfig(
+        vocab_size=30,
+        d_model=32,
+        num_heads=4,
+        num_layers=1,
+        d_ff=64,
+        max_len=30,
+        dropout=0.0,
+    )
     return EncoderDecoder(config).eval()
 
 
@@ -99,11 +147,13 @@ def test_translate_pads_after_eos_and_scores_consistently():
     src = torch.randint(4, 30, (6, 5))
     src[2, 3:] = PAD
     generator = torch.Generator().manual_seed(3)
-    tokens = translate(model, src, BOS, EOS, PAD, max_len=12, temperature=1.0, generator=generator)
+    tokens = translate(
+        model, src, BOS, EOS, PAD, max_len=12, temperature=1.0, generator=generator
+    )
     assert tokens.shape[0] == 6 and tokens.shape[1] <= 13
     assert torch.all(tokens[:, 0] == BOS)
     mask = target_mask(tokens, EOS, PAD)
-    for row, keep in zip(tokens[:, 1:], mask):
+    for row, keep in zip(tokens[:, 1:], mask, strict=True):
         ended = (row == EOS).nonzero()
         if len(ended):
             first = int(ended[0])
@@ -133,19 +183,35 @@ def test_sampling_and_scoring_use_the_same_policy():
     model.head.register_forward_hook(lambda module, inputs, output: output + boost)
     src = torch.randint(4, 30, (1, 5))
     draws = 4000
-    tokens = translate(model, src.expand(draws, -1), BOS, EOS, PAD, max_len=1, temperature=1.0,
-                       generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # the raw model really prefers PAD/BOS: the test would catch an unmasked scorer
+    tokens = translate(
+        model,
+        src.expand(draws, -1),
+        BOS,
+        EOS,
+        PAD,
+        max_len=1,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with (
+        torch.no_grad()
+    ):  # the raw model really prefers PAD/BOS: the test would catch an unmasked scorer
         raw = F.softmax(model(src, tokens[:1, :1])[0, 0], -1)
     assert raw[[PAD, BOS]].sum() > 0.9
     first = tokens[:, 1]
     assert not ((first == PAD) | (first == BOS)).any()
     vocab = model.head.weight.shape[0]
     candidates = torch.tensor([t for t in range(vocab) if t not in (PAD, BOS)])
-    pairs = torch.stack([torch.full_like(candidates, BOS), candidates], dim=1)  # (V - 2, 2): BOS, token
+    pairs = torch.stack(
+        [torch.full_like(candidates, BOS), candidates], dim=1
+    )  # (V - 2, 2): BOS, token
     with torch.no_grad():
-        logp, _ = sequence_log_probs(model, src.expand(len(candidates), -1), pairs, EOS, PAD)
-        forbidden, _ = sequence_log_probs(model, src, torch.tensor([[BOS, BOS]]), EOS, PAD)
+        logp, _ = sequence_log_probs(
+            model, src.expand(len(candidates), -1), pairs, EOS, PAD
+        )
+        forbidden, _ = sequence_log_probs(
+            model, src, torch.tensor([[BOS, BOS]]), EOS, PAD
+        )
     assert forbidden.item() == float("-inf")
     prob = torch.zeros(vocab, dtype=torch.float64)
     prob[candidates] = logp.exp().double()
@@ -154,7 +220,9 @@ def test_sampling_and_scoring_use_the_same_policy():
     frequency = counts / draws
     se = (prob * (1 - prob) / draws).sqrt()
     z = ((frequency - prob).abs() / se)[candidates]
-    assert z.max() < 5, f"sampled frequencies differ from exp(sequence_log_probs) by {z.max():.1f} SE"
+    assert z.max() < 5, (
+        f"sampled frequencies differ from exp(sequence_log_probs) by {z.max():.1f} SE"
+    )
 
 
 def test_greedy_translation_is_deterministic_and_rejects_empty_sources():
@@ -171,7 +239,9 @@ def test_greedy_translation_is_deterministic_and_rejects_empty_sources():
 
 
 def test_target_mask_by_hand():
-    tokens = torch.tensor([[BOS, 5, 6, EOS, PAD], [BOS, 7, EOS, 8, EOS], [BOS, 5, 6, 7, 8]])
+    tokens = torch.tensor(
+        [[BOS, 5, 6, EOS, PAD], [BOS, 7, EOS, 8, EOS], [BOS, 5, 6, 7, 8]]
+    )
     assert target_mask(tokens, EOS, PAD).tolist() == [
         [True, True, True, False],
         [True, True, False, False],
@@ -185,10 +255,22 @@ def test_sampled_translations_never_contain_padding_or_bos_before_eos():
     from lmpg_utils.transformer import EncoderDecoder, TransformerConfig
 
     torch.manual_seed(0)
-    model = EncoderDecoder(TransformerConfig(vocab_size=12, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout=0.0))
+    model = EncoderDecoder(
+        TransformerConfig(
+            vocab_size=12, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout=0.0
+        )
+    )
     src = torch.randint(4, 12, (64, 5))
-    out = translate(model, src, bos_id=2, eos_id=3, pad_id=0, max_len=12, temperature=2.0,
-                    generator=torch.Generator().manual_seed(0))
+    out = translate(
+        model,
+        src,
+        bos_id=2,
+        eos_id=3,
+        pad_id=0,
+        max_len=12,
+        temperature=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     body = out[:, 1:]
     valid = target_mask(out, eos_id=3, pad_id=0)
     ended = (body == 3).cumsum(1) > 0

@@ -56,8 +56,13 @@ def test_length_penalty_punishes_only_the_long_side():
     plain = sentence_rewards([long, short, ref], [ref] * 3)
     shaped = sentence_rewards([long, short, ref], [ref] * 3, length_penalty=3.0)
     assert shaped[0] == pytest.approx(plain[0] * math.exp(-3.0))
-    assert shaped[1:] == pytest.approx(plain[1:])  # BLEU's own brevity penalty covers h < r
-    assert sentence_rewards([long], [ref], "chrf", 1.0)[0] < sentence_rewards([long], [ref], "chrf")[0]
+    assert shaped[1:] == pytest.approx(
+        plain[1:]
+    )  # BLEU's own brevity penalty covers h < r
+    assert (
+        sentence_rewards([long], [ref], "chrf", 1.0)[0]
+        < sentence_rewards([long], [ref], "chrf")[0]
+    )
     assert long_side_penalty(10, 5, 0.0) == 1.0 and long_side_penalty(5, 10, 9.0) == 1.0
     with pytest.raises(ValueError, match="length_penalty must be >= 0"):
         sentence_rewards([ref], [ref], length_penalty=-1.0)

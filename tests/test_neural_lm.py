@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmpg_utils.neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel, cloze_batch_loss, lm_batch_loss, pad_batch
+from lmpg_utils.neural_lm import (
+    BidirectionalLSTMCloze,
+    LSTMLanguageModel,
+    cloze_batch_loss,
+    lm_batch_loss,
+    pad_batch,
+)
 
 V = 40
 
@@ -20,7 +26,9 @@ def test_lstm_log_probs_are_normalised_and_step_by_step_matches_whole_sequence()
     ids = framed([[5, 6, 7, 8]])
     with torch.no_grad():
         whole, _ = model(ids)
-        assert torch.allclose(whole.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5)
+        assert torch.allclose(
+            whole.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5
+        )
         state, steps = None, []
         for i in range(ids.shape[1]):
             out, state = model(ids[:, i : i + 1], state)
@@ -37,7 +45,9 @@ def test_cloze_prediction_of_a_word_does_not_depend_on_that_word():
     lengths = (a != 0).sum(1)
     with torch.no_grad():
         pa, pb = model(a, lengths), model(b, lengths)
-    assert torch.allclose(pa[0, 1], pb[0, 1], atol=1e-6)  # prediction for position 2 unchanged
+    assert torch.allclose(
+        pa[0, 1], pb[0, 1], atol=1e-6
+    )  # prediction for position 2 unchanged
     assert not torch.allclose(pa[0, 0], pb[0, 0], atol=1e-4)  # its neighbours see it
     # Padding after a shorter sentence does not leak into its predictions.
     alone = model(pad_batch([[2, 9, 10, 3]]), torch.tensor([4]))

@@ -14,13 +14,22 @@ VOCAB, BOS, EOS = 12, 2, 3
 
 def corpus(seed: int = 0, n: int = 300) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.choice(range(4, VOCAB)) for _ in range(rng.randint(1, 8))] for _ in range(n)]
+    return [
+        [rng.choice(range(4, VOCAB)) for _ in range(rng.randint(1, 8))]
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_every_conditional_distribution_sums_to_one(order):
     model = KneserNeyLM(order, VOCAB, BOS, EOS).fit(corpus())
-    for context in ([], [4], [4, 5], [BOS, BOS, 7], [11, 11, 11]):  # seen and unseen contexts
+    for context in (
+        [],
+        [4],
+        [4, 5],
+        [BOS, BOS, 7],
+        [11, 11, 11],
+    ):  # seen and unseen contexts
         total = sum(model.prob(w, context) for w in range(VOCAB))
         assert total == pytest.approx(1.0, abs=1e-9)
 

@@ -19,6 +19,7 @@ def test_no_notebook_code_line_runs_past_the_column():
             for line in "".join(cell["source"]).splitlines():
                 if len(line) > WIDTH:
                     long_lines.append(f"{notebook.name} cell {number}: {line[:60]}...")
-    assert not long_lines, f"{len(long_lines)} code lines over {WIDTH} characters:\n" + "\n".join(
-        long_lines
+    assert not long_lines, (
+        f"{len(long_lines)} code lines over {WIDTH} characters:\n"
+        + "\n".join(long_lines)
     )

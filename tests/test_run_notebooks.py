@@ -24,7 +24,14 @@ def _notebook(path: Path, *sources: str) -> Path:
 
 def _run(cache: Path, *notebooks: Path, env: dict | None = None):
     return subprocess.run(
-        [sys.executable, str(SCRIPT), str(cache), *map(str, notebooks), "--workers", "2"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(cache),
+            *map(str, notebooks),
+            "--workers",
+            "2",
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -34,19 +41,25 @@ def _run(cache: Path, *notebooks: Path, env: dict | None = None):
 
 def _cached(cache: Path, path: Path):
     try:
-        return get_cache(str(cache)).match_cache_notebook(nbformat.read(path, as_version=4))
+        return get_cache(str(cache)).match_cache_notebook(
+            nbformat.read(path, as_version=4)
+        )
     except KeyError:
         return None
 
 
-def test_a_failing_assert_fails_the_run_and_a_passing_notebook_is_kept_for_the_book(tmp_path):
+def test_a_failing_assert_fails_the_run_and_a_passing_notebook_is_kept_for_the_book(
+    tmp_path,
+):
     cache = tmp_path / ".jupyter_cache"
     good = _notebook(tmp_path / "good.ipynb", "x = 6 * 7\nprint(x)", "assert x == 42")
     bad = _notebook(tmp_path / "bad.ipynb", "y = 3", "assert y == 4, 'y is not four'")
     result = _run(cache, good, bad)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "PASSED good.ipynb" in result.stdout and "FAILED bad.ipynb" in result.stdout
-    assert re.search(r"PASSED good.ipynb in \d+ s \(slowest: cell \d: \d+ s, cell \d", result.stdout)
+    assert re.search(
+        r"PASSED good.ipynb in \d+ s \(slowest: cell \d: \d+ s, cell \d", result.stdout
+    )
     assert "y is not four" in result.stdout and "\x1b[" not in result.stdout
     record = _cached(cache, good)
     assert record is not None and _cached(cache, bad) is None

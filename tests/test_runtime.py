@@ -22,7 +22,9 @@ def test_profile_environment_override_and_argument(monkeypatch):
 
 def test_unknown_profile_lists_the_valid_ones(monkeypatch):
     monkeypatch.setenv("LMPG_PROFILE", "fast")
-    with pytest.raises(ValueError, match="unknown profile 'fast'; valid profiles are: quick, full"):
+    with pytest.raises(
+        ValueError, match="unknown profile 'fast'; valid profiles are: quick, full"
+    ):
         runtime.get_profile()
 
 
@@ -75,6 +77,8 @@ def test_tune_allocator_reports_what_it_did():
         "import torch; x = torch.ones(1 << 22); del x  # allocation still works\n"
         "print(done)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out == ("glibc: freed memory kept" if glibc else "default (not glibc)")

@@ -6,11 +6,21 @@ import pytest
 
 from lmpg_utils.tokenization import BPETokenizer, WordVocab, word_tokenize
 
-TEXTS = ["The cat sat on the mat.", "The dog didn't sit!", "A cat and a dog met the cat."]
+TEXTS = [
+    "The cat sat on the mat.",
+    "The dog didn't sit!",
+    "A cat and a dog met the cat.",
+]
 
 
 def test_word_tokenize_splits_punctuation_and_keeps_contractions():
-    assert word_tokenize("The dog didn\u2019t sit!") == ["the", "dog", "didn't", "sit", "!"]
+    assert word_tokenize("The dog didn\u2019t sit!") == [
+        "the",
+        "dog",
+        "didn't",
+        "sit",
+        "!",
+    ]
     assert word_tokenize("Hello, World", lowercase=False) == ["Hello", ",", "World"]
 
 

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpg_utils.training import load_checkpoint, make_optimizer, save_checkpoint, train, warmup_cosine
+from lmpg_utils.training import (
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train,
+    warmup_cosine,
+)
 from lmpg_utils.transformer import GPT, TransformerConfig
 
 
@@ -22,22 +28,32 @@ def _seed():
 
 def test_warmup_cosine_shape():
     factor = warmup_cosine(10, 110, min_ratio=0.1)
-    assert math.isclose(factor(0), 0.1) and math.isclose(factor(4), 0.5) and math.isclose(factor(9), 1.0)
+    assert (
+        math.isclose(factor(0), 0.1)
+        and math.isclose(factor(4), 0.5)
+        and math.isclose(factor(9), 1.0)
+    )
     assert math.isclose(factor(10), 1.0)
     assert math.isclose(factor(60), 0.55)  # half-way through the decay
     assert math.isclose(factor(110), 0.1) and math.isclose(factor(500), 0.1)
     values = [factor(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     with pytest.raises(ValueError, match="warmup_steps >= 0 and total_steps > 0"):
         warmup_cosine(-1, 10)
 
 
 def test_make_optimizer_decays_matrices_only():
-    model = GPT(TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8))
+    model = GPT(
+        TransformerConfig(
+            vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8
+        )
+    )
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in no_decay["params"]
+    )
     # the tied embedding appears once
     total = len(decay["params"]) + len(no_decay["params"])
     assert total == len(list(model.parameters()))
@@ -47,14 +63,24 @@ def test_make_optimizer_decays_matrices_only():
 
 def _copy_task():
     """A tiny GPT learning to repeat a fixed pattern: loss must fall far below log(vocab)."""
-    config = TransformerConfig(vocab_size=12, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16, dropout=0.0)
+    config = TransformerConfig(
+        vocab_size=12,
+        d_model=32,
+        num_heads=2,
+        num_layers=1,
+        d_ff=64,
+        max_len=16,
+        dropout=0.0,
+    )
     model = GPT(config)
     pattern = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11] * 2)
     batches = itertools.repeat(pattern.expand(8, 16))
 
     def loss_fn(m, batch):
         logits = m(batch[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, 12), batch[:, 1:].reshape(-1)), batch[:, 1:].numel()
+        return F.cross_entropy(logits.reshape(-1, 12), batch[:, 1:].reshape(-1)), batch[
+            :, 1:
+        ].numel()
 
     return model, batches, loss_fn
 
@@ -68,7 +94,17 @@ def test_train_learns_and_records_history():
         evaluations.append(1)
         return float(loss_fn(m, next(batches))[0])
 
-    history = train(model, batches, loss_fn, max_steps=30, lr=1e-2, warmup_steps=5, eval_fn=eval_fn, eval_every=10, progress=False)
+    history = train(
+        model,
+        batches,
+        loss_fn,
+        max_steps=30,
+        lr=1e-2,
+        warmup_steps=5,
+        eval_fn=eval_fn,
+        eval_every=10,
+        progress=False,
+    )
     assert history.steps == list(range(1, 31))
     assert history.losses[0] > 2.0 and history.losses[-1] < 0.3
     assert history.eval_steps == [10, 20, 30] and len(evaluations) == 3
@@ -90,13 +126,32 @@ def test_train_clips_gradients():
         return 1000.0 * m(batch).sum(), 1
 
     optimizer = Spy(model.parameters(), lr=1e-6)
-    train(model, itertools.repeat(torch.ones(2, 4)), loss_fn, max_steps=3, lr=1e-6, warmup_steps=0, clip_norm=0.5, optimizer=optimizer, progress=False)
+    train(
+        model,
+        itertools.repeat(torch.ones(2, 4)),
+        loss_fn,
+        max_steps=3,
+        lr=1e-6,
+        warmup_steps=0,
+        clip_norm=0.5,
+        optimizer=optimizer,
+        progress=False,
+    )
     assert all(n <= 0.5 + 1e-6 for n in seen)
 
 
 def test_train_time_budget_stops_early_and_eval_runs_at_the_end():
     model, batches, loss_fn = _copy_task()
-    history = train(model, batches, loss_fn, max_steps=10_000, lr=1e-3, time_budget_s=0.0, eval_fn=lambda m: 1.0, progress=False)
+    history = train(
+        model,
+        batches,
+        loss_fn,
+        max_steps=10_000,
+        lr=1e-3,
+        time_budget_s=0.0,
+        eval_fn=lambda m: 1.0,
+        progress=False,
+    )
     assert len(history.steps) == 1
     assert history.eval_steps == [1]
 
@@ -106,13 +161,24 @@ def test_train_rejects_bad_settings_and_non_finite_loss():
     with pytest.raises(ValueError, match="max_steps must be positive"):
         train(model, batches, loss_fn, max_steps=0, lr=1e-3)
     with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
-        train(model, batches, lambda m, b: (torch.tensor(float("nan"), requires_grad=True), 1), max_steps=2, lr=1e-3, progress=False)
+        train(
+            model,
+            batches,
+            lambda m, b: (torch.tensor(float("nan"), requires_grad=True), 1),
+            max_steps=2,
+            lr=1e-3,
+            progress=False,
+        )
 
 
 def test_checkpoint_round_trip_is_weights_only(tmp_path):
-    config = TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8)
+    config = TransformerConfig(
+        vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8
+    )
     model = GPT(config)
-    path = save_checkpoint(tmp_path / "sub" / "gpt.pt", model, config.to_dict(), extra={"val_loss": 1.5})
+    path = save_checkpoint(
+        tmp_path / "sub" / "gpt.pt", model, config.to_dict(), extra={"val_loss": 1.5}
+    )
     assert path.is_file() and not path.with_suffix(".pt.tmp").exists()
     data = load_checkpoint(path)
     assert data["extra"] == {"val_loss": 1.5}
@@ -133,7 +199,9 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     # arbitrary Python objects are refused by the safe loader
     torch.save({"state_dict": {}, "config": Fraction(1, 3)}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(
+        Exception, match="[Ww]eights only load failed|Unsupported global"
+    ):
         load_checkpoint(tmp_path / "evil.pt")
 
 
@@ -144,7 +212,15 @@ def _toy_lm():
     from lmpg_utils.tokenization import WordVocab
 
     vocab = WordVocab.build(["the cat sat on the mat", "a dog sat"])
-    config = TransformerConfig(vocab_size=len(vocab), d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=4, dropout=0.0)
+    config = TransformerConfig(
+        vocab_size=len(vocab),
+        d_model=16,
+        num_heads=2,
+        num_layers=1,
+        d_ff=32,
+        max_len=4,
+        dropout=0.0,
+    )
     return GPT(config).eval(), vocab
 
 
@@ -169,7 +245,11 @@ def test_perplexity_follows_the_chapter_1_contract():
     from lmpg_utils.neural_lm import pad_batch
 
     model, vocab = _toy_lm()
-    sentences = [vocab.encode("the cat sat"), vocab.encode("a dog sat on the mat"), vocab.encode("zebra")]
+    sentences = [
+        vocab.encode("the cat sat"),
+        vocab.encode("a dog sat on the mat"),
+        vocab.encode("zebra"),
+    ]
     assert vocab.unk_id in sentences[2]
     # by hand: each verse from <s>, predicting every word and </s>, long verses in windows of max_len=4
     nll, count = 0.0, 0
@@ -184,11 +264,19 @@ def test_perplexity_follows_the_chapter_1_contract():
     assert count == sum(len(s) + 1 for s in sentences)
     got_nll, got_count = total_nll(model, sentences, vocab, batch_size=2)
     assert got_count == count and math.isclose(got_nll, nll, rel_tol=1e-5)
-    small_nll, small_count = total_nll(model, sentences, vocab, max_tokens=6)  # token-budgeted batches
+    small_nll, small_count = total_nll(
+        model, sentences, vocab, max_tokens=6
+    )  # token-budgeted batches
     assert small_count == count and math.isclose(small_nll, nll, rel_tol=1e-5)
-    assert math.isclose(perplexity(model, sentences, vocab), math.exp(nll / count), rel_tol=1e-5)
+    assert math.isclose(
+        perplexity(model, sentences, vocab), math.exp(nll / count), rel_tol=1e-5
+    )
     # the training loss ignores padding and counts the same events
-    batch = pad_batch([[vocab.bos_id, *s, vocab.eos_id] for s in sentences[:1]] + [[vocab.bos_id, 4, vocab.eos_id]], vocab.pad_id)
+    batch = pad_batch(
+        [[vocab.bos_id, *s, vocab.eos_id] for s in sentences[:1]]
+        + [[vocab.bos_id, 4, vocab.eos_id]],
+        vocab.pad_id,
+    )
     loss, items = lm_loss(model, batch, vocab.pad_id)
     assert items == len(sentences[0]) + 1 + 2
     with pytest.raises(ValueError, match="no sentences to score"):
@@ -196,10 +284,20 @@ def test_perplexity_follows_the_chapter_1_contract():
 
 
 def test_sample_verses_and_attention_weights():
-    from lmpg_utils.experiments.gpt import GPTExperimentConfig, attention_weights, sample_verses
+    from lmpg_utils.experiments.gpt import (
+        GPTExperimentConfig,
+        attention_weights,
+        sample_verses,
+    )
 
     model, vocab = _toy_lm()
-    texts = sample_verses(model, vocab, count=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+    texts = sample_verses(
+        model,
+        vocab,
+        count=3,
+        max_new_tokens=10,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     maps = attention_weights(model, [vocab.bos_id, 4, 5])
     assert len(maps) == 1 and maps[0].shape == (2, 3, 3)
@@ -217,7 +315,9 @@ def test_warmup_decay_linear_and_constant():
 
     linear = warmup_decay(10, 110, "linear")
     assert linear(0) == pytest.approx(0.1) and linear(9) == pytest.approx(1.0)
-    assert linear(60) == pytest.approx(0.5) and linear(110) == 0.0 and linear(500) == 0.0
+    assert (
+        linear(60) == pytest.approx(0.5) and linear(110) == 0.0 and linear(500) == 0.0
+    )
     constant = warmup_decay(0, 5, "constant")
     assert constant(0) == constant(1000) == 1.0
     with pytest.raises(ValueError, match="unknown decay"):
@@ -251,13 +351,31 @@ def test_train_bf16_autocast_learns_and_keeps_fp32_weights():
         return ((out.float() - batch[1]) ** 2).mean(), len(batch[0])
 
     steps = []
-    history = train(model, batches, loss_fn, max_steps=150, lr=0.05, warmup_steps=5, precision="bf16",
-                    decay="linear", progress=False, on_step=lambda step, m: steps.append(step))
+    history = train(
+        model,
+        batches,
+        loss_fn,
+        max_steps=150,
+        lr=0.05,
+        warmup_steps=5,
+        precision="bf16",
+        decay="linear",
+        progress=False,
+        on_step=lambda step, m: steps.append(step),
+    )
     assert seen[0] == torch.bfloat16 and model.weight.dtype == torch.float32
     assert history.losses[-1] < 0.05 * history.losses[0]
     assert steps == list(range(1, 151))
     with pytest.raises(ValueError, match="precision"):
-        train(model, batches, loss_fn, max_steps=1, lr=0.1, precision="fp8", progress=False)
+        train(
+            model,
+            batches,
+            loss_fn,
+            max_steps=1,
+            lr=0.1,
+            precision="fp8",
+            progress=False,
+        )
 
 
 def test_run_gpt_trains_once_then_loads_and_reports_the_ngram(tmp_path, monkeypatch):
@@ -276,6 +394,12 @@ def test_run_gpt_trains_once_then_loads_and_reports_the_ngram(tmp_path, monkeypa
     assert not first.cached and second.cached
     assert second.history.losses == first.history.losses and second.steps_done == 4
     assert second.test_perplexity == pytest.approx(first.test_perplexity, rel=1e-6)
-    assert first.ngram_order in (3, 4, 5) and 1 < first.ngram_test_perplexity < first.test_perplexity
+    assert (
+        first.ngram_order in (3, 4, 5)
+        and 1 < first.ngram_test_perplexity < first.test_perplexity
+    )
     summary = second.summary()
-    assert summary["ngram_test_perplexity"] == first.ngram_test_perplexity and summary["cached"]
+    assert (
+        summary["ngram_test_perplexity"] == first.ngram_test_perplexity
+        and summary["cached"]
+    )

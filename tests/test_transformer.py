@@ -22,7 +22,15 @@ from lmpg_utils.transformer import (
 
 
 def _config(**overrides) -> TransformerConfig:
-    values = dict(vocab_size=50, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=24, dropout=0.0)
+    values = dict(
+        vocab_size=50,
+        d_model=32,
+        num_heads=4,
+        num_layers=2,
+        d_ff=64,
+        max_len=24,
+        dropout=0.0,
+    )
     values.update(overrides)
     return TransformerConfig(**values)
 
@@ -35,8 +43,12 @@ def _seed():
 def test_sinusoidal_table_follows_the_formula():
     table = SinusoidalPositionalEncoding(8, 20)(20)
     pos, i = 7, 2
-    assert math.isclose(float(table[pos, 2 * i]), math.sin(pos / 10000 ** (2 * i / 8)), abs_tol=1e-6)
-    assert math.isclose(float(table[pos, 2 * i + 1]), math.cos(pos / 10000 ** (2 * i / 8)), abs_tol=1e-6)
+    assert math.isclose(
+        float(table[pos, 2 * i]), math.sin(pos / 10000 ** (2 * i / 8)), abs_tol=1e-6
+    )
+    assert math.isclose(
+        float(table[pos, 2 * i + 1]), math.cos(pos / 10000 ** (2 * i / 8)), abs_tol=1e-6
+    )
     assert torch.equal(SinusoidalPositionalEncoding(8, 20)(3, offset=5), table[5:8])
     # odd widths work too
     assert SinusoidalPositionalEncoding(7, 4)(4).shape == (4, 7)
@@ -104,7 +116,9 @@ def test_segment_embeddings():
     encoder = TransformerEncoder(_config(num_segments=2)).eval()
     ids = torch.randint(4, 50, (2, 6))
     segments = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
-    assert not torch.allclose(encoder(ids, segment_ids=segments), encoder(ids), atol=1e-4)
+    assert not torch.allclose(
+        encoder(ids, segment_ids=segments), encoder(ids), atol=1e-4
+    )
     with pytest.raises(ValueError, match="segment_ids shape"):
         encoder(ids, segment_ids=segments[:, :3])
 
@@ -116,10 +130,14 @@ def test_gpt_is_causal_and_ties_embeddings():
     changed[:, 6:] = 5
     a, b = model(ids), model(changed)
     assert a.shape == (2, 10, 50)
-    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-5)  # the past does not see the future
+    assert torch.allclose(
+        a[:, :6], b[:, :6], atol=1e-5
+    )  # the past does not see the future
     assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-4)
     assert model.head.weight is model.embeddings.token.weight
-    expected = sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates
+    expected = sum(
+        p.numel() for p in model.parameters()
+    )  # parameters() already de-duplicates
     assert count_parameters(model) == expected
     assert count_parameters(model) < sum(p.numel() for p in model.state_dict().values())
 
@@ -130,7 +148,9 @@ def test_gpt_cache_equals_full_forward_and_weights_are_causal():
     with torch.no_grad():
         full, weights = model(ids, need_weights=True)
         cache = model.new_cache()
-        parts = [model(ids[:, :4], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(4, 9)]
+        parts = [model(ids[:, :4], cache=cache)] + [
+            model(ids[:, i : i + 1], cache=cache) for i in range(4, 9)
+        ]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
     assert len(weights) == 2 and weights[0].shape == (2, 4, 9, 9)
     assert float(weights[0].triu(1).abs().max()) == 0.0
@@ -159,7 +179,10 @@ def test_encoder_decoder_shapes_causality_and_cache():
     memory = model.encode(src, padding)
     cache = model.new_cache()
     with torch.no_grad():
-        steps = [model.decode(tgt[:, i : i + 1], memory, padding, cache=cache) for i in range(6)]
+        steps = [
+            model.decode(tgt[:, i : i + 1], memory, padding, cache=cache)
+            for i in range(6)
+        ]
     assert torch.allclose(torch.cat(steps, dim=1), logits, atol=1e-5)
     assert model.head.weight is model.encoder.embeddings.token.weight
 
@@ -182,13 +205,17 @@ def test_models_reject_bad_ids():
     model = GPT(_config())
     with pytest.raises(ValueError, match=r"empty batch: token ids have shape \(0, 5\)"):
         model(torch.zeros(0, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"must be \(batch, length\), got shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"must be \(batch, length\), got shape \(5,\)"
+    ):
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="must be integers"):
         model(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="exceeds the model's max_len 24"):
         model(torch.zeros(1, 25, dtype=torch.long))
-    with pytest.raises(ValueError, match="token id 50 is outside the vocabulary of size 50"):
+    with pytest.raises(
+        ValueError, match="token id 50 is outside the vocabulary of size 50"
+    ):
         model(torch.full((1, 3), 50))
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmpg_utils.generation import sequence_log_probs, target_mask, translate
+from lmpg_utils.transformer import EncoderDecoder, TransformerConfig
 from lmpg_utils.translation import (
     EncodedPairs,
     frequent_word_subset,
@@ -13,7 +14,6 @@ from lmpg_utils.translation import (
     train_tokenizer,
     translate_texts,
 )
-from lmpg_utils.transformer import EncoderDecoder, TransformerConfig
 
 PAIRS = [
     ("Ich habe Hunger.", "I am hungry."),
@@ -32,8 +32,15 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=len(tokenizer), d_model=32, num_heads=4, num_layers=1, d_ff=64,
-                               max_len=40, dropout=0.0)
+    config = TransformerConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        num_heads=4,
+        num_layers=1,
+        d_ff=64,
+        max_len=40,
+        dropout=0.0,
+    )
     return EncoderDecoder(config).eval()
 
 
@@ -55,7 +62,10 @@ def test_frequent_word_subset():
 def test_encoded_pairs_and_batches(tokenizer):
     data = EncodedPairs.build(tokenizer, PAIRS)
     assert len(data) == len(PAIRS)
-    assert data.targets[0][0] == tokenizer.bos_id and data.targets[0][-1] == tokenizer.eos_id
+    assert (
+        data.targets[0][0] == tokenizer.bos_id
+        and data.targets[0][-1] == tokenizer.eos_id
+    )
     src, tgt, idx = next(data.batches(3, torch.Generator().manual_seed(0)))
     assert src.shape[0] == tgt.shape[0] == len(idx) == 3
     with pytest.raises(ValueError, match="empty source"):
@@ -78,7 +88,9 @@ def test_mle_loss_counts_tokens_and_matches_nll(tokenizer, model):
 def test_incremental_decoding_matches_teacher_forcing(tokenizer, model):
     data = EncodedPairs.build(tokenizer, PAIRS[:5])
     src, _, _ = data.batch(range(5))
-    tokens = translate(model, src, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, max_len=8)
+    tokens = translate(
+        model, src, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, max_len=8
+    )
     # greedy decoding picks the argmax of the teacher-forced logits at every step before EOS
     logits = model(src, tokens[:, :-1], pad_id=tokenizer.pad_id)
     mask = target_mask(tokens, tokenizer.eos_id, tokenizer.pad_id)
@@ -89,16 +101,32 @@ def test_sequence_log_prob_is_sum_of_step_log_probs(tokenizer, model):
     data = EncodedPairs.build(tokenizer, PAIRS[:3])
     src, _, _ = data.batch(range(3))
     g = torch.Generator().manual_seed(1)
-    tokens = translate(model, src, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, max_len=6,
-                       temperature=1.0, generator=g)
-    logp, counts = sequence_log_probs(model, src, tokens, tokenizer.eos_id, tokenizer.pad_id)
+    tokens = translate(
+        model,
+        src,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+        max_len=6,
+        temperature=1.0,
+        generator=g,
+    )
+    logp, counts = sequence_log_probs(
+        model, src, tokens, tokenizer.eos_id, tokenizer.pad_id
+    )
     forbidden = torch.tensor([tokenizer.pad_id, tokenizer.bos_id])
     for row in range(3):
         total, n = 0.0, 0
         for t in range(1, tokens.shape[1]):
-            logits = model(src[row : row + 1], tokens[row : row + 1, :t], pad_id=tokenizer.pad_id)[0, -1]
-            logits = logits.masked_fill(torch.isin(torch.arange(len(logits)), forbidden), float("-inf"))
-            step = torch.log_softmax(logits, -1)  # the policy: PAD and BOS are never chosen
+            logits = model(
+                src[row : row + 1], tokens[row : row + 1, :t], pad_id=tokenizer.pad_id
+            )[0, -1]
+            logits = logits.masked_fill(
+                torch.isin(torch.arange(len(logits)), forbidden), float("-inf")
+            )
+            step = torch.log_softmax(
+                logits, -1
+            )  # the policy: PAD and BOS are never chosen
             total += float(step[tokens[row, t]].detach())
             n += 1
             if int(tokens[row, t]) == tokenizer.eos_id:
@@ -114,7 +142,14 @@ def test_translate_texts_and_empty_sources(tokenizer, model):
     with pytest.raises(ValueError, match="no sources"):
         translate_texts(model, tokenizer, [], max_len=5)
     with pytest.raises(ValueError, match="empty"):
-        translate(model, torch.full((2, 3), tokenizer.pad_id), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, 4)
+        translate(
+            model,
+            torch.full((2, 3), tokenizer.pad_id),
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+            tokenizer.pad_id,
+            4,
+        )
 
 
 def test_token_batches_respect_the_budget_and_cover_an_epoch(tokenizer):
@@ -127,7 +162,9 @@ def test_token_batches_respect_the_budget_and_cover_an_epoch(tokenizer):
         src, tgt, idx = next(batches)
         assert tgt.numel() <= budget and src.shape[0] == len(idx)
         seen += idx
-    assert sorted(seen) == list(range(len(data)))  # the first epoch holds every pair once
+    assert sorted(seen) == list(
+        range(len(data))
+    )  # the first epoch holds every pair once
     with pytest.raises(ValueError, match="longest target"):
         next(data.token_batches(longest - 1, torch.Generator()))
 

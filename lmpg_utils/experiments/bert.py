@@ -33,19 +33,72 @@ from ..transformer import TransformerConfig, count_parameters
 # Book groups for fine-tuning (the deuterocanonical books are left out of this task).
 BOOK_GROUPS: dict[str, tuple[str, ...]] = {
     "law & history": (
-        "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth", "I Samuel",
-        "II Samuel", "I Kings", "II Kings", "I Chronicles", "II Chronicles", "Ezra", "Nehemiah", "Esther",
+        "Genesis",
+        "Exodus",
+        "Leviticus",
+        "Numbers",
+        "Deuteronomy",
+        "Joshua",
+        "Judges",
+        "Ruth",
+        "I Samuel",
+        "II Samuel",
+        "I Kings",
+        "II Kings",
+        "I Chronicles",
+        "II Chronicles",
+        "Ezra",
+        "Nehemiah",
+        "Esther",
     ),
     "poetry & wisdom": ("Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon"),
     "prophets": (
-        "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos", "Obadiah", "Jonah",
-        "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah", "Malachi",
+        "Isaiah",
+        "Jeremiah",
+        "Lamentations",
+        "Ezekiel",
+        "Daniel",
+        "Hosea",
+        "Joel",
+        "Amos",
+        "Obadiah",
+        "Jonah",
+        "Micah",
+        "Nahum",
+        "Habakkuk",
+        "Zephaniah",
+        "Haggai",
+        "Zechariah",
+        "Malachi",
     ),
     "new testament": (
-        "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "I Corinthians", "II Corinthians", "Galatians",
-        "Ephesians", "Philippians", "Colossians", "I Thessalonians", "II Thessalonians", "I Timothy",
-        "II Timothy", "Titus", "Philemon", "Hebrews", "James", "I Peter", "II Peter", "I John", "II John",
-        "III John", "Jude", "Revelation of John",
+        "Matthew",
+        "Mark",
+        "Luke",
+        "John",
+        "Acts",
+        "Romans",
+        "I Corinthians",
+        "II Corinthians",
+        "Galatians",
+        "Ephesians",
+        "Philippians",
+        "Colossians",
+        "I Thessalonians",
+        "II Thessalonians",
+        "I Timothy",
+        "II Timothy",
+        "Titus",
+        "Philemon",
+        "Hebrews",
+        "James",
+        "I Peter",
+        "II Peter",
+        "I John",
+        "II John",
+        "III John",
+        "Jude",
+        "Revelation of John",
     ),
 }
 
@@ -75,17 +128,35 @@ class BertExperimentConfig:
     test_per_class: int = 150
 
     def __post_init__(self) -> None:
-        if not self.label_counts or any(n < len(BOOK_GROUPS) for n in self.label_counts):
-            raise ValueError(f"label_counts must be at least {len(BOOK_GROUPS)} each, got {self.label_counts}")
-        for name in ("pretrain_pairs", "pretrain_steps", "batch_size", "eval_pairs", "finetune_steps",
-                     "finetune_batch_size", "test_per_class"):
+        if not self.label_counts or any(
+            n < len(BOOK_GROUPS) for n in self.label_counts
+        ):
+            raise ValueError(
+                f"label_counts must be at least {len(BOOK_GROUPS)} each, got {self.label_counts}"
+            )
+        for name in (
+            "pretrain_pairs",
+            "pretrain_steps",
+            "batch_size",
+            "eval_pairs",
+            "finetune_steps",
+            "finetune_batch_size",
+            "test_per_class",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(
-            vocab_size=vocab_size, d_model=self.d_model, num_heads=self.num_heads, num_layers=self.num_layers,
-            d_ff=self.d_ff, max_len=self.max_len, dropout=self.dropout, positional=self.positional, num_segments=2,
+            vocab_size=vocab_size,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            d_ff=self.d_ff,
+            max_len=self.max_len,
+            dropout=self.dropout,
+            positional=self.positional,
+            num_segments=2,
         )
 
 
@@ -95,13 +166,32 @@ CONFIGS: dict[str, BertExperimentConfig] = {
     # 2,400 steps: the NSP loss sits at ln 2 for the first 1,000-1,500 steps (seeds 0-2);
     # 1,200 steps left NSP at chance for seed 1 (0.501) and let it start for others.
     "quick": BertExperimentConfig(
-        positional="sinusoidal", dropout=0.0, pretrain_steps=2400, lr=2e-3, warmup_steps=30,
+        positional="sinusoidal",
+        dropout=0.0,
+        pretrain_steps=2400,
+        lr=2e-3,
+        warmup_steps=30,
     ),
     "full": BertExperimentConfig(
-        vocab_size=8000, d_model=256, num_heads=8, num_layers=4, d_ff=1024, max_len=128, dropout=0.1,
-        positional="learned", pretrain_pairs=300_000, pretrain_steps=20000, batch_size=128, lr=1e-3,
-        warmup_steps=1000, eval_pairs=3000, label_counts=(50, 100, 200, 400, 800, 1600), finetune_steps=200,
-        finetune_batch_size=32, finetune_lr=1e-4, test_per_class=150,
+        vocab_size=8000,
+        d_model=256,
+        num_heads=8,
+        num_layers=4,
+        d_ff=1024,
+        max_len=128,
+        dropout=0.1,
+        positional="learned",
+        pretrain_pairs=300_000,
+        pretrain_steps=20000,
+        batch_size=128,
+        lr=1e-3,
+        warmup_steps=1000,
+        eval_pairs=3000,
+        label_counts=(50, 100, 200, 400, 800, 1600),
+        finetune_steps=200,
+        finetune_batch_size=32,
+        finetune_lr=1e-4,
+        test_per_class=150,
     ),
 }
 
@@ -168,7 +258,9 @@ class BertResult:
 def train_tokenizer(profile: str | None = None) -> BPETokenizer:
     """The profile's BPE tokenizer, trained on the train-split verses (deterministic)."""
     config = CONFIGS[runtime.get_profile(profile)]
-    return BPETokenizer.train([v.text for v in corpora.load_bible_verses("train")], config.vocab_size)
+    return BPETokenizer.train(
+        [v.text for v in corpora.load_bible_verses("train")], config.vocab_size
+    )
 
 
 def book_group_of(book: str) -> int | None:
@@ -192,7 +284,9 @@ def classification_split(
     texts, labels = [], []
     for label, group in by_class.items():
         if len(group) < per_class:
-            raise ValueError(f"only {len(group)} verses for class {label}, {per_class} asked for")
+            raise ValueError(
+                f"only {len(group)} verses for class {label}, {per_class} asked for"
+            )
         for verse in rng.sample(group, per_class):
             texts.append(verse.text)
             labels.append(label)
@@ -201,14 +295,22 @@ def classification_split(
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
-def _encode_nsp(tokenizer: BPETokenizer, pairs: list[bert.SentencePair], special: bert.SpecialIds, max_len: int):
+def _encode_nsp(
+    tokenizer: BPETokenizer,
+    pairs: list[bert.SentencePair],
+    special: bert.SpecialIds,
+    max_len: int,
+):
     a = bert.tokenize_texts(tokenizer, [p.a for p in pairs])
     b = bert.tokenize_texts(tokenizer, [p.b for p in pairs])
     return bert.encode_pairs(a, b, special, max_len, [p.is_next for p in pairs])
 
 
 def run_bert(
-    profile: str | None = None, seed: int = 0, progress: bool = True, tokenizer: BPETokenizer | None = None
+    profile: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    tokenizer: BPETokenizer | None = None,
 ) -> BertResult:
     """Pre-train, evaluate and fine-tune a small BERT; see the module docstring.
 
@@ -227,7 +329,9 @@ def run_bert(
     test_verses = corpora.load_bible_verses("test")
     tokenizer = tokenizer or train_tokenizer(profile)
     if len(tokenizer) != config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, profile {profile!r} needs {config.vocab_size}")
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, profile {profile!r} needs {config.vocab_size}"
+        )
     special = bert.SpecialIds.from_tokenizer(tokenizer)
 
     # Pre-training data: NSP pairs from the train split (BERT's random negatives).
@@ -235,37 +339,69 @@ def run_bert(
     pairs: list[bert.SentencePair] = []
     round_seed = seed
     while len(pairs) < config.pretrain_pairs:
-        pairs += bert.make_nsp_pairs(train_verses, "random", seed=round_seed, limit=config.pretrain_pairs - len(pairs))
+        pairs += bert.make_nsp_pairs(
+            train_verses,
+            "random",
+            seed=round_seed,
+            limit=config.pretrain_pairs - len(pairs),
+        )
         round_seed += 1000
     data = _encode_nsp(tokenizer, pairs, special, config.max_len)
     eval_data = _encode_nsp(
-        tokenizer, bert.make_nsp_pairs(valid_verses, "random", seed=seed + 1, limit=config.eval_pairs),
-        special, config.max_len,
+        tokenizer,
+        bert.make_nsp_pairs(
+            valid_verses, "random", seed=seed + 1, limit=config.eval_pairs
+        ),
+        special,
+        config.max_len,
     )
-    top_token, _ = bert.most_frequent_token(data.ids, special)  # specials (padding) are not counted
+    top_token, _ = bert.most_frequent_token(
+        data.ids, special
+    )  # specials (padding) are not counted
 
-    model, history, pretrain_seconds, cached = _pretrained(config, profile, seed, tokenizer, data, special, device,
-                                                          progress)
+    model, history, pretrain_seconds, cached = _pretrained(
+        config, profile, seed, tokenizer, data, special, device, progress
+    )
 
-    scores = bert.evaluate_pretraining(model, eval_data, special, seed=seed + 2, baseline_token=top_token)
-    mlm_by_kind = {kind: {"accuracy": float(scores[f"mlm_accuracy_{kind}"]),
-                          "baseline": float(scores[f"mlm_baseline_{kind}"]),
-                          "count": int(scores[f"mlm_count_{kind}"])} for kind in bert.MLM_KINDS}
+    scores = bert.evaluate_pretraining(
+        model, eval_data, special, seed=seed + 2, baseline_token=top_token
+    )
+    mlm_by_kind = {
+        kind: {
+            "accuracy": float(scores[f"mlm_accuracy_{kind}"]),
+            "baseline": float(scores[f"mlm_baseline_{kind}"]),
+            "count": int(scores[f"mlm_count_{kind}"]),
+        }
+        for kind in bert.MLM_KINDS
+    }
     targets = bert.masked_targets(eval_data, special, seed=seed + 2)
     mlm_baseline = float((targets == top_token).float().mean())
 
     # What NSP learns: the same model on negatives from another book vs the same chapter.
     nsp_by_kind, nsp_test_pairs = {}, 0
     for kind in ("other_book", "same_chapter"):
-        test_pairs = bert.make_nsp_pairs(test_verses, kind, seed=seed + 3, limit=config.eval_pairs)
-        nsp_test_pairs = len(test_pairs) if not nsp_test_pairs else min(nsp_test_pairs, len(test_pairs))
+        test_pairs = bert.make_nsp_pairs(
+            test_verses, kind, seed=seed + 3, limit=config.eval_pairs
+        )
+        nsp_test_pairs = (
+            len(test_pairs)
+            if not nsp_test_pairs
+            else min(nsp_test_pairs, len(test_pairs))
+        )
         nsp_by_kind[kind] = bert.evaluate_pretraining(
-            model, _encode_nsp(tokenizer, test_pairs, special, config.max_len), special, seed=seed + 4
+            model,
+            _encode_nsp(tokenizer, test_pairs, special, config.max_len),
+            special,
+            seed=seed + 4,
         )["nsp_accuracy"]
 
     # Fine-tuning: book group of a verse, a few labels from train chapters, test chapters held out.
-    test_texts, test_labels = classification_split(test_verses, config.test_per_class, seed + 5)
-    test_data = bert.encode_single(bert.tokenize_texts(tokenizer, test_texts), special, config.max_len, test_labels)
+    test_texts, test_labels = classification_split(
+        test_verses, config.test_per_class, seed + 5
+    )
+    test_data = bert.encode_single(
+        bert.tokenize_texts(tokenizer, test_texts), special, config.max_len, test_labels
+    )
     pool_size = max(config.label_counts) // len(BOOK_GROUPS)
     pool_texts, pool_labels = classification_split(train_verses, pool_size, seed + 6)
     pool_ids = bert.tokenize_texts(tokenizer, pool_texts)
@@ -273,16 +409,29 @@ def run_bert(
     finetune_pretrained, finetune_scratch = [], []
     for count in config.label_counts:
         chosen = _balanced_prefix(pool_labels, count // len(BOOK_GROUPS))
-        labelled = bert.encode_single([pool_ids[i] for i in chosen], special, config.max_len,
-                                      [pool_labels[i] for i in chosen])
-        for pretrained, scores_list in ((True, finetune_pretrained), (False, finetune_scratch)):
+        labelled = bert.encode_single(
+            [pool_ids[i] for i in chosen],
+            special,
+            config.max_len,
+            [pool_labels[i] for i in chosen],
+        )
+        for pretrained, scores_list in (
+            (True, finetune_pretrained),
+            (False, finetune_scratch),
+        ):
             torch.manual_seed(seed + 7)
             encoder = bert.BertModel(config.model_config(len(tokenizer)))
             if pretrained:
                 encoder.load_state_dict(pretrained_state)
             classifier = bert.BertClassifier(encoder, len(BOOK_GROUPS)).to(device)
-            bert.fine_tune(classifier, labelled, steps=config.finetune_steps, batch_size=config.finetune_batch_size,
-                           lr=config.finetune_lr, seed=seed + 8)
+            bert.fine_tune(
+                classifier,
+                labelled,
+                steps=config.finetune_steps,
+                batch_size=config.finetune_batch_size,
+                lr=config.finetune_lr,
+                seed=seed + 8,
+            )
             scores_list.append(bert.classifier_accuracy(classifier, test_data))
 
     return BertResult(
@@ -319,8 +468,15 @@ def run_bert(
 def _pretrained(config, profile, seed, tokenizer, data, special, device, progress):
     """The pre-trained BERT: loaded when this config, seed, tokenizer and code trained it
     before, else trained now and cached. Returns (model, history, seconds, cached)."""
-    key = caching.artifact_key("ch3-bert", dict(asdict(config), profile=profile,
-                                                tokenizer=hashlib.sha256(tokenizer.to_str().encode()).hexdigest()), seed)
+    key = caching.artifact_key(
+        "ch3-bert",
+        dict(
+            asdict(config),
+            profile=profile,
+            tokenizer=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        ),
+        seed,
+    )
     path = caching.artifact_path(key)
     model = bert.BertModel(config.model_config(len(tokenizer))).to(device)
     with caching.exclusive(path):
@@ -329,20 +485,39 @@ def _pretrained(config, profile, seed, tokenizer, data, special, device, progres
             model.load_state_dict(stored["state_dict"])
             record = json.loads(stored["extra"]["history"])
             history = TrainHistory.from_dict(record)
-            history.mlm_losses, history.nsp_losses = record["mlm_losses"], record["nsp_losses"]  # type: ignore[attr-defined]
+            history.mlm_losses, history.nsp_losses = (
+                record["mlm_losses"],
+                record["nsp_losses"],
+            )  # type: ignore[attr-defined]
             model.eval()
             return model, history, float(record["pretrain_seconds"]), True
         torch.manual_seed(seed)
         model = bert.BertModel(config.model_config(len(tokenizer))).to(device)
         began = time.perf_counter()
         history = bert.pretrain(
-            model, data, special, steps=config.pretrain_steps, batch_size=config.batch_size, lr=config.lr,
-            warmup_steps=config.warmup_steps, seed=seed, progress=progress,
+            model,
+            data,
+            special,
+            steps=config.pretrain_steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            warmup_steps=config.warmup_steps,
+            seed=seed,
+            progress=progress,
         )
         seconds = time.perf_counter() - began
-        record = dict(history.to_dict(), mlm_losses=history.mlm_losses, nsp_losses=history.nsp_losses,
-                      pretrain_seconds=seconds)
-        save_checkpoint(path, model, asdict(config), caching.tag({"history": json.dumps(record)}, key))
+        record = dict(
+            history.to_dict(),
+            mlm_losses=history.mlm_losses,
+            nsp_losses=history.nsp_losses,
+            pretrain_seconds=seconds,
+        )
+        save_checkpoint(
+            path,
+            model,
+            asdict(config),
+            caching.tag({"history": json.dumps(record)}, key),
+        )
     model.eval()
     return model, history, seconds, False
 

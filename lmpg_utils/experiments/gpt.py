@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .. import caching, runtime
 from ..generation import generate
-from ..ngram import KneserNeyLM
 from ..neural_lm import pad_batch
+from ..ngram import KneserNeyLM
 from ..tokenization import WordVocab
 from ..training import TrainHistory, bucketed_batches, save_checkpoint, train
 from ..transformer import GPT, TransformerConfig, count_parameters
@@ -37,7 +37,8 @@ from .language_models import prepare_word_data
 
 @dataclass(frozen=True)
 class GPTExperimentConfig:
-    """Model sizes and training budget of chapter 2's GPT (the data's vocabulary size comes from chapter 1's profile)."""
+    """Model sizes and training budget of chapter 2's GPT (the data's vocabulary size
+    comes from chapter 1's profile)."""
 
     d_model: int = 128
     num_heads: int = 4
@@ -56,7 +57,16 @@ class GPTExperimentConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len", "batch_size", "steps", "valid_subset"):
+        for name in (
+            "d_model",
+            "num_heads",
+            "num_layers",
+            "d_ff",
+            "max_len",
+            "batch_size",
+            "steps",
+            "valid_subset",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_len < 2:
@@ -84,8 +94,18 @@ CONFIGS = {
     "quick": GPTExperimentConfig(eval_every=300),
     # minutes on a GPU: a 6-layer model, many epochs, more regularisation
     "full": GPTExperimentConfig(
-        d_model=384, num_heads=6, num_layers=6, d_ff=1536, max_len=256, dropout=0.2, lr=1e-3,
-        warmup_steps=400, steps=8000, batch_size=64, eval_every=1000, valid_subset=2605,
+        d_model=384,
+        num_heads=6,
+        num_layers=6,
+        d_ff=1536,
+        max_len=256,
+        dropout=0.2,
+        lr=1e-3,
+        warmup_steps=400,
+        steps=8000,
+        batch_size=64,
+        eval_every=1000,
+        valid_subset=2605,
     ),
 }
 
@@ -104,15 +124,22 @@ def windows(sentence: list[int], vocab: WordVocab, context: int) -> list[list[in
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
     framed = [vocab.bos_id, *sentence, vocab.eos_id]
-    return [framed[start : start + context + 1] for start in range(0, len(framed) - 1, context)]
+    return [
+        framed[start : start + context + 1]
+        for start in range(0, len(framed) - 1, context)
+    ]
 
 
-def all_windows(sentences: list[list[int]], vocab: WordVocab, context: int) -> list[list[int]]:
+def all_windows(
+    sentences: list[list[int]], vocab: WordVocab, context: int
+) -> list[list[int]]:
     """:func:`windows` of every sentence, in order."""
     return [piece for s in sentences for piece in windows(s, vocab, context)]
 
 
-def batch_iterator(pieces: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator) -> Iterator[Tensor]:
+def batch_iterator(
+    pieces: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator
+) -> Iterator[Tensor]:
     """Endless shuffled, padded batches; pieces of similar length share a batch to limit padding."""
     return bucketed_batches(pieces, batch_size, pad_id, generator)
 
@@ -124,13 +151,21 @@ def lm_loss(model: GPT, batch: Tensor, pad_id: int) -> tuple[Tensor, int]:
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(inputs)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=pad_id,
+    )
     return loss, int((targets != pad_id).sum())
 
 
 @torch.no_grad()
 def total_nll(
-    model: GPT, sentences: list[list[int]], vocab: WordVocab, batch_size: int = 128, max_tokens: int = 8192
+    model: GPT,
+    sentences: list[list[int]],
+    vocab: WordVocab,
+    batch_size: int = 128,
+    max_tokens: int = 8192,
 ) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of ``sentences`` under the chapter-1 contract, and the event count.
 
@@ -144,8 +179,13 @@ def total_nll(
     device = next(model.parameters()).device
     pieces = sorted(all_windows(sentences, vocab, model.config.max_len), key=len)
     batches: list[list[list[int]]] = [[]]
-    for piece in pieces:  # sorted by length: the newest piece is the longest in its batch
-        if batches[-1] and (len(batches[-1]) >= batch_size or (len(batches[-1]) + 1) * len(piece) > max_tokens):
+    for (
+        piece
+    ) in pieces:  # sorted by length: the newest piece is the longest in its batch
+        if batches[-1] and (
+            len(batches[-1]) >= batch_size
+            or (len(batches[-1]) + 1) * len(piece) > max_tokens
+        ):
             batches.append([])
         batches[-1].append(piece)
     nll, count = 0.0, 0
@@ -153,7 +193,9 @@ def total_nll(
         batch = pad_batch(chunk, vocab.pad_id).to(device)
         logits = model(batch[:, :-1]).float()
         targets = batch[:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=vocab.pad_id, reduction="sum")
+        losses = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=vocab.pad_id, reduction="sum"
+        )
         nll += float(losses)
         count += int((targets != vocab.pad_id).sum())
     model.train(was_training)
@@ -166,23 +208,32 @@ def perplexity(model: GPT, sentences: list[list[int]], vocab: WordVocab) -> floa
     return math.exp(nll / count)
 
 
-def unigram_perplexity(train: list[list[int]], test: list[list[int]], vocab: WordVocab) -> float:
+def unigram_perplexity(
+    train: list[list[int]], test: list[list[int]], vocab: WordVocab
+) -> float:
     """Perplexity of word frequencies alone (no context), counted on ``train``, on the same events.
 
     Every vocabulary word occurs in ``train`` (the vocabulary is built there), so no
     event gets probability zero.
     """
-    counts = torch.bincount(torch.tensor([w for s in train for w in (*s, vocab.eos_id)]), minlength=len(vocab)).double()
+    counts = torch.bincount(
+        torch.tensor([w for s in train for w in (*s, vocab.eos_id)]),
+        minlength=len(vocab),
+    ).double()
     log_p = (counts / counts.sum()).log()
     events = torch.tensor([w for s in test for w in (*s, vocab.eos_id)])
     if len(events) == 0:
         raise ValueError("no events to score")
     if bool(torch.isinf(log_p[events]).any()):
-        raise ValueError("a test event never occurs in train: the unigram model gives it probability zero")
+        raise ValueError(
+            "a test event never occurs in train: the unigram model gives it probability zero"
+        )
     return math.exp(-float(log_p[events].mean()))
 
 
-def seen_ngram_rate(train: list[list[int]], test: list[list[int]], vocab: WordVocab, n: int = 4) -> float:
+def seen_ngram_rate(
+    train: list[list[int]], test: list[list[int]], vocab: WordVocab, n: int = 4
+) -> float:
     """Fraction of the test verses' n-grams (framed with ``<s>``s and ``</s>``) that occur verbatim in ``train``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -217,7 +268,15 @@ def sample_verses(
     start = vocab.encode(prompt or "", add_bos=True)
     max_new_tokens = min(max_new_tokens, model.config.max_len - len(start))
     prompt_ids = torch.tensor([start] * count, device=device)
-    tokens = generate(model, prompt_ids, max_new_tokens, temperature, top_k, use_cache=True, generator=generator)
+    tokens = generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        use_cache=True,
+        generator=generator,
+    )
     texts = []
     for row in tokens.tolist():
         body = row[1:]
@@ -282,20 +341,32 @@ class GPTResults:
 
 def ngram_baseline(data, orders: tuple[int, ...] = (3, 4, 5)) -> tuple[int, float]:
     """Chapter 1's Kneser-Ney baseline on the same data: the order best on validation and its test perplexity."""
-    models = {n: KneserNeyLM(n, len(data.vocab), data.vocab.bos_id, data.vocab.eos_id).fit(data.train) for n in orders}
+    models = {
+        n: KneserNeyLM(n, len(data.vocab), data.vocab.bos_id, data.vocab.eos_id).fit(
+            data.train
+        )
+        for n in orders
+    }
     best = min(orders, key=lambda n: models[n].perplexity(data.valid))
     return best, models[best].perplexity(data.test)
 
 
 def train_gpt(
-    config: GPTExperimentConfig, data, seed: int, device: torch.device, progress: bool = True
+    config: GPTExperimentConfig,
+    data,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
 ) -> tuple[GPT, TrainHistory]:
     """Train the chapter's GPT from scratch on chapter 1's word data."""
     vocab = data.vocab
     generator = runtime.set_seed(seed)
     model = GPT(config.model_config(len(vocab))).to(device)
     pieces = all_windows(data.train, vocab, config.max_len)
-    batches = (b.to(device) for b in batch_iterator(pieces, config.batch_size, vocab.pad_id, generator))
+    batches = (
+        b.to(device)
+        for b in batch_iterator(pieces, config.batch_size, vocab.pad_id, generator)
+    )
     subset = data.valid[: config.valid_subset]
 
     def eval_fn(m: GPT) -> float:
@@ -303,9 +374,18 @@ def train_gpt(
         return nll / count
 
     history = train(
-        model, batches, lambda m, b: lm_loss(m, b, vocab.pad_id), max_steps=config.steps, lr=config.lr,
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, eval_fn=eval_fn,
-        eval_every=config.eval_every, progress=progress, description="GPT", precision=config.precision,
+        model,
+        batches,
+        lambda m, b: lm_loss(m, b, vocab.pad_id),
+        max_steps=config.steps,
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        eval_fn=eval_fn,
+        eval_every=config.eval_every,
+        progress=progress,
+        description="GPT",
+        precision=config.precision,
     )
     model.eval()
     return model, history
@@ -332,7 +412,11 @@ def run_gpt(
     data = prepare_word_data(profile)
     vocab = data.vocab
     began = time.perf_counter()
-    key = caching.artifact_key("ch2-gpt", dict(asdict(config), data_profile=profile, vocab_size=len(vocab)), seed)
+    key = caching.artifact_key(
+        "ch2-gpt",
+        dict(asdict(config), data_profile=profile, vocab_size=len(vocab)),
+        seed,
+    )
     path = caching.artifact_path(key)
     with caching.exclusive(path):
         stored = caching.load_current(path, key) if cache else None
@@ -374,4 +458,6 @@ def run_gpt(
 
 def with_steps(config: GPTExperimentConfig, steps: int) -> GPTExperimentConfig:
     """A copy of ``config`` with another step budget (for smoke tests and sweeps)."""
-    return replace(config, steps=steps, warmup_steps=min(config.warmup_steps, max(1, steps // 10)))
+    return replace(
+        config, steps=steps, warmup_steps=min(config.warmup_steps, max(1, steps // 10))
+    )

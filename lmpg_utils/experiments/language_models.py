@@ -12,16 +12,23 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
 
 from .. import caching, corpora, runtime
+from ..neural_lm import (
+    BidirectionalLSTMCloze,
+    LSTMLanguageModel,
+    cloze_batch_loss,
+    lm_batch_loss,
+    pad_batch,
+)
 from ..ngram import KneserNeyLM
-from ..neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel, cloze_batch_loss, lm_batch_loss, pad_batch
 from ..tokenization import WordVocab
 from ..training import bucketed_batches, save_checkpoint, train
+
 
 @dataclass(frozen=True)
 class LanguageModelConfig:
@@ -42,7 +49,9 @@ class LanguageModelConfig:
         if self.vocab_size < 10:
             raise ValueError(f"vocab_size must be at least 10, got {self.vocab_size}")
         if not self.ngram_orders or min(self.ngram_orders) < 1:
-            raise ValueError(f"ngram_orders must be a non-empty list of orders >= 1, got {self.ngram_orders}")
+            raise ValueError(
+                f"ngram_orders must be a non-empty list of orders >= 1, got {self.ngram_orders}"
+            )
         for name in ("batch_size", "lstm_steps", "cloze_steps", "d_embed", "d_hidden"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -50,7 +59,15 @@ class LanguageModelConfig:
 
 CONFIGS = {
     "quick": LanguageModelConfig(),
-    "full": LanguageModelConfig(vocab_size=12000, d_embed=256, d_hidden=1024, lstm_steps=12000, cloze_steps=6000, dropout=0.3, lr=2e-3),
+    "full": LanguageModelConfig(
+        vocab_size=12000,
+        d_embed=256,
+        d_hidden=1024,
+        lstm_steps=12000,
+        cloze_steps=6000,
+        dropout=0.3,
+        lr=2e-3,
+    ),
 }
 
 
@@ -94,10 +111,15 @@ def frame(sentence: list[int], vocab: WordVocab) -> list[int]:
 
 
 def batch_iterator(
-    sentences: list[list[int]], vocab: WordVocab, batch_size: int, generator: torch.Generator
+    sentences: list[list[int]],
+    vocab: WordVocab,
+    batch_size: int,
+    generator: torch.Generator,
 ) -> Iterator[torch.Tensor]:
     """Endless framed, padded batches; verses of similar length are batched together to limit padding."""
-    return bucketed_batches([frame(s, vocab) for s in sentences], batch_size, vocab.pad_id, generator)
+    return bucketed_batches(
+        [frame(s, vocab) for s in sentences], batch_size, vocab.pad_id, generator
+    )
 
 
 def _length_batches(sentences: list[list[int]], max_tokens: int) -> Iterator[list[int]]:
@@ -116,7 +138,10 @@ def _length_batches(sentences: list[list[int]], max_tokens: int) -> Iterator[lis
 
 @torch.no_grad()
 def lstm_token_log_probs(
-    model: LSTMLanguageModel, sentences: list[list[int]], vocab: WordVocab, max_tokens: int = 8192
+    model: LSTMLanguageModel,
+    sentences: list[list[int]],
+    vocab: WordVocab,
+    max_tokens: int = 8192,
 ) -> list[list[float]]:
     """Per-event log-probabilities (each word, then ``</s>``) of every sentence under the LSTM, in input order."""
     model.eval()
@@ -132,7 +157,10 @@ def lstm_token_log_probs(
 
 @torch.no_grad()
 def cloze_token_log_probs(
-    model: BidirectionalLSTMCloze, sentences: list[list[int]], vocab: WordVocab, max_tokens: int = 8192
+    model: BidirectionalLSTMCloze,
+    sentences: list[list[int]],
+    vocab: WordVocab,
+    max_tokens: int = 8192,
 ) -> list[list[float]]:
     """log P(w_i | all other words) for every word of every sentence (the pseudo-log-likelihood terms)."""
     model.eval()
@@ -178,7 +206,9 @@ class LanguageModelResults:
             "seed": self.seed,
             "test_perplexity": self.test_perplexity,
             "valid_perplexity": self.valid_perplexity,
-            "ngram_valid_by_order": {str(k): v for k, v in self.ngram_valid_by_order.items()},
+            "ngram_valid_by_order": {
+                str(k): v for k, v in self.ngram_valid_by_order.items()
+            },
             "test_unknown_rate": self.test_unknown_rate,
             "seconds": self.seconds,
             "lstm_tokens_per_s": self.lstm_tokens_per_s,
@@ -186,12 +216,20 @@ class LanguageModelResults:
 
 
 def _cache_key(config: LanguageModelConfig, seed: int) -> dict:
-    neural = {k: v for k, v in asdict(config).items() if k != "ngram_orders"}  # the n-grams are not cached
-    return caching.artifact_key("ch1-models", {**neural, "corpus_parser": corpora.PARSER_VERSION}, seed)
+    neural = {
+        k: v for k, v in asdict(config).items() if k != "ngram_orders"
+    }  # the n-grams are not cached
+    return caching.artifact_key(
+        "ch1-models", {**neural, "corpus_parser": corpora.PARSER_VERSION}, seed
+    )
 
 
 def run_language_models(
-    profile: str | None = None, seed: int = 0, config: LanguageModelConfig | None = None, use_cache: bool = True, progress: bool = True
+    profile: str | None = None,
+    seed: int = 0,
+    config: LanguageModelConfig | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
 ) -> LanguageModelResults:
     """Fit Kneser-Ney n-grams (the order is picked on validation) and train the LSTM and the cloze model.
 
@@ -210,7 +248,9 @@ def run_language_models(
     by_order = {}
     models = {}
     for order in sorted(set(config.ngram_orders)):
-        models[order] = KneserNeyLM(order, len(vocab), vocab.bos_id, vocab.eos_id).fit(data.train)
+        models[order] = KneserNeyLM(order, len(vocab), vocab.bos_id, vocab.eos_id).fit(
+            data.train
+        )
         by_order[order] = models[order].perplexity(data.valid)
     best_order = min(by_order, key=by_order.get)
     ngram = models[best_order]
@@ -218,14 +258,24 @@ def run_language_models(
 
     key = _cache_key(config, seed)
     path = caching.artifact_path(key)
-    lstm = LSTMLanguageModel(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
-    cloze = BidirectionalLSTMCloze(len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout).to(device)
+    lstm = LSTMLanguageModel(
+        len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout
+    ).to(device)
+    cloze = BidirectionalLSTMCloze(
+        len(vocab), config.d_embed, config.d_hidden, dropout=config.dropout
+    ).to(device)
     with caching.exclusive(path):  # chapters 1 and 2 may ask at once: train once
         cached = caching.load_current(path, key) if use_cache else None
         if cached is not None:
             state = cached["state_dict"]
             for name, model in (("lstm", lstm), ("cloze", cloze)):
-                model.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+                model.load_state_dict(
+                    {
+                        k[len(name) + 1 :]: v
+                        for k, v in state.items()
+                        if k.startswith(name + ".")
+                    }
+                )
             extra = cached["extra"]
             seconds.update(extra["seconds"])
             tokens_per_s = extra["tokens_per_s"]
@@ -268,8 +318,12 @@ def run_language_models(
                 torch.nn.ModuleDict({"lstm": lstm, "cloze": cloze}),
                 asdict(config),
                 caching.tag(
-                    {"seconds": {k: v for k, v in seconds.items() if k != "ngram"}, "tokens_per_s": tokens_per_s,
-                     "curve_steps": list(curve[0]), "curve_values": list(curve[1])},
+                    {
+                        "seconds": {k: v for k, v in seconds.items() if k != "ngram"},
+                        "tokens_per_s": tokens_per_s,
+                        "curve_steps": list(curve[0]),
+                        "curve_values": list(curve[1]),
+                    },
                     key,
                 ),
             )

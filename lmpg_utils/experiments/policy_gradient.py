@@ -33,9 +33,21 @@ from ..policy_gradient import (
     rollout,
 )
 from ..tokenization import BPETokenizer
-from ..training import autocast_dtype, average_states, make_optimizer, save_checkpoint, train
-from ..translation import EncodedPairs, mle_loss, pad_batch, train_tokenizer, translate_texts
+from ..training import (
+    autocast_dtype,
+    average_states,
+    make_optimizer,
+    save_checkpoint,
+    train,
+)
 from ..transformer import EncoderDecoder, TransformerConfig, count_parameters
+from ..translation import (
+    EncodedPairs,
+    mle_loss,
+    pad_batch,
+    train_tokenizer,
+    translate_texts,
+)
 
 
 @dataclass
@@ -74,7 +86,9 @@ class PGConfig:
     ma_beta: float = 0.9
     control_batch_tokens: int = 2500
     control_lr: float = 1e-4
-    pg_precision: str = "bf16"  # autocast for PG updates and the control alike; evaluation stays fp32
+    pg_precision: str = (
+        "bf16"  # autocast for PG updates and the control alike; evaluation stays fp32
+    )
     reward: str = "bleu"
     # Strength of the long-side length penalty on the reward (metrics.long_side_penalty).
     # Sentence BLEU alone lets the policy lengthen. Chosen on the validation verses, seeds
@@ -85,43 +99,88 @@ class PGConfig:
     reward_samples: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("mle_steps", "mle_batch_tokens", "pg_steps", "pg_batch", "samples", "control_batch_tokens",
-                     "valid_sources", "average_last", "train_words", "eval_words", "hack_steps"):
+        for name in (
+            "mle_steps",
+            "mle_batch_tokens",
+            "pg_steps",
+            "pg_batch",
+            "samples",
+            "control_batch_tokens",
+            "valid_sources",
+            "average_last",
+            "train_words",
+            "eval_words",
+            "hack_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.weak_step < self.mle_steps:
-            raise ValueError(f"weak_step must lie in (0, mle_steps), got {self.weak_step}")
+            raise ValueError(
+                f"weak_step must lie in (0, mle_steps), got {self.weak_step}"
+            )
         if self.mle_mix < 0:
             raise ValueError(f"mle_mix must be >= 0, got {self.mle_mix}")
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
-        if self.mle_batch_tokens < self.max_tokens or self.control_batch_tokens < self.max_tokens:
-            raise ValueError(f"batch token budgets must hold the longest pair ({self.max_tokens} tokens)")
+        if (
+            self.mle_batch_tokens < self.max_tokens
+            or self.control_batch_tokens < self.max_tokens
+        ):
+            raise ValueError(
+                f"batch token budgets must hold the longest pair ({self.max_tokens} tokens)"
+            )
         for precision in (self.mle_precision, self.pg_precision):
             autocast_dtype(precision, "cpu")  # names an unknown precision
 
     def start_fields(self) -> dict:
         """The fields that define the MLE start (those declared up to and including ``start_seed``)."""
         names = list(PGConfig.__dataclass_fields__)
-        return {name: getattr(self, name) for name in names[: names.index("start_seed")]}
+        return {
+            name: getattr(self, name) for name in names[: names.index("start_seed")]
+        }
 
     def start_key(self) -> dict:
         """The cache key of the MLE start: its fields, the seed, the corpus parser, torch and the code."""
-        start = dict(self.start_fields(), corpus_parser=corpora.PARSER_VERSION, corpus="rv1909-web")
+        start = dict(
+            self.start_fields(),
+            corpus_parser=corpora.PARSER_VERSION,
+            corpus="rv1909-web",
+        )
         return caching.artifact_key("ch4-mle-start", start, self.start_seed)
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(
-            vocab_size=vocab_size, d_model=self.d_model, num_heads=self.num_heads, num_layers=self.num_layers,
-            d_ff=self.d_ff, max_len=self.max_tokens + 2, dropout=self.dropout,
+            vocab_size=vocab_size,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            d_ff=self.d_ff,
+            max_len=self.max_tokens + 2,
+            dropout=self.dropout,
         )
 
 
 QUICK = PGConfig()
 FULL = PGConfig(
-    train_words=40, vocab_size=8000, d_model=512, num_heads=8, num_layers=6, d_ff=2048, max_tokens=128,
-    mle_steps=12000, mle_batch_tokens=8000, mle_lr=7e-4, mle_warmup=1000, weak_step=800, max_len=80,
-    pg_steps=300, pg_batch=32, eval_every=50, valid_sources=256, control_batch_tokens=8000, hack_steps=150,
+    train_words=40,
+    vocab_size=8000,
+    d_model=512,
+    num_heads=8,
+    num_layers=6,
+    d_ff=2048,
+    max_tokens=128,
+    mle_steps=12000,
+    mle_batch_tokens=8000,
+    mle_lr=7e-4,
+    mle_warmup=1000,
+    weak_step=800,
+    max_len=80,
+    pg_steps=300,
+    pg_batch=32,
+    eval_every=50,
+    valid_sources=256,
+    control_batch_tokens=8000,
+    hack_steps=150,
 )
 
 
@@ -150,19 +209,23 @@ class Setup:
         """:func:`expected_reward` of the MLE start (``state`` None) or of the weak snapshot,
         computed once: every fine-tuning run from that state begins at this value, since
         the validation rollout uses a fixed sampling seed."""
-        name = "start" if state is None else "weak" if state is self.weak_state else None
+        name = (
+            "start" if state is None else "weak" if state is self.weak_state else None
+        )
         if name is None:  # any other state: not kept
             return expected_reward(self.new_model(state), self)
         if name not in self._start_rewards:
             self._start_rewards[name] = expected_reward(self.new_model(state), self)
         return self._start_rewards[name]
 
-    def with_config(self, **changes) -> "Setup":
+    def with_config(self, **changes) -> Setup:
         """The same data and start under a config with other fine-tuning settings (for example
         ``length_penalty=0.0``); the start rewards are computed afresh for it."""
         start = self.config.start_fields()
         if clash := sorted(set(changes) & set(start)):
-            raise ValueError(f"{', '.join(clash)} define the cached start; change them in PGConfig and prepare again")
+            raise ValueError(
+                f"{', '.join(clash)} define the cached start; change them in PGConfig and prepare again"
+            )
         return replace(self, config=replace(self.config, **changes), _start_rewards={})
 
     def new_model(self, state: dict | None = None) -> EncoderDecoder:
@@ -175,7 +238,9 @@ class Setup:
         return self.tokenizer.decode(ids)
 
     def reward_fn(self, hypotheses: list[str], references: list[str]) -> list[float]:
-        return sentence_rewards(hypotheses, references, self.config.reward, self.config.length_penalty)
+        return sentence_rewards(
+            hypotheses, references, self.config.reward, self.config.length_penalty
+        )
 
 
 def load_pairs(config: PGConfig) -> dict[str, list[tuple[str, str]]]:
@@ -183,13 +248,19 @@ def load_pairs(config: PGConfig) -> dict[str, list[tuple[str, str]]]:
     words a side, validation and test verses of at most ``eval_words``."""
     return {
         split: [(p.es, p.en) for p in corpora.load_verse_pairs(split, words)]
-        for split, words in (("train", config.train_words), ("valid", config.eval_words),
-                             ("test", config.eval_words))
+        for split, words in (
+            ("train", config.train_words),
+            ("valid", config.eval_words),
+            ("test", config.eval_words),
+        )
     }
 
 
 def train_start(
-    config: PGConfig, tokenizer: BPETokenizer, data: EncodedPairs, progress: bool = False
+    config: PGConfig,
+    tokenizer: BPETokenizer,
+    data: EncodedPairs,
+    progress: bool = False,
 ) -> tuple[dict, dict, dict]:
     """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
     autocast where asked, and the average of ``average_last`` snapshots taken evenly over
@@ -208,14 +279,26 @@ def train_start(
             snapshots[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
 
     history = train(
-        model, data.token_batches(config.mle_batch_tokens, generator),
+        model,
+        data.token_batches(config.mle_batch_tokens, generator),
         lambda m, b: mle_loss(m, b[0], b[1], tokenizer.pad_id, config.label_smoothing),
-        max_steps=config.mle_steps, lr=config.mle_lr, warmup_steps=config.mle_warmup, decay="linear",
-        precision=config.mle_precision, on_step=on_step, progress=progress, description="MLE start",
+        max_steps=config.mle_steps,
+        lr=config.mle_lr,
+        warmup_steps=config.mle_warmup,
+        decay="linear",
+        precision=config.mle_precision,
+        on_step=on_step,
+        progress=progress,
+        description="MLE start",
     )
     averaged = average_states([snapshots[s] for s in sorted(keep_at)])
-    record = {"steps": history.steps, "losses": history.losses, "tokens_per_second": history.items_per_second,
-              "seconds": history.seconds, "averaged_steps": sorted(keep_at)}
+    record = {
+        "steps": history.steps,
+        "losses": history.losses,
+        "tokens_per_second": history.items_per_second,
+        "seconds": history.seconds,
+        "averaged_steps": sorted(keep_at),
+    }
     return averaged, snapshots[config.weak_step], record
 
 
@@ -235,19 +318,44 @@ def prepare(config: PGConfig, progress: bool = False) -> Setup:
             history = json.loads(data["extra"]["history"])
         else:
             tokenizer = train_tokenizer(splits["train"], config.vocab_size)
-        encoded = {s: EncodedPairs.build(tokenizer, p, max_tokens=config.max_tokens) for s, p in splits.items()}
+        encoded = {
+            s: EncodedPairs.build(tokenizer, p, max_tokens=config.max_tokens)
+            for s, p in splits.items()
+        }
         if not cached:
-            start_state, weak_state, history = train_start(config, tokenizer, encoded["train"], progress)
+            start_state, weak_state, history = train_start(
+                config, tokenizer, encoded["train"], progress
+            )
             extra = {"tokenizer": tokenizer.to_str(), "history": json.dumps(history)}
-            save_checkpoint(weak_path, model_with(config, tokenizer, weak_state), asdict(config),
-                            caching.tag({}, key))
-            save_checkpoint(path, model_with(config, tokenizer, start_state), asdict(config),
-                            caching.tag(extra, key))
-    return Setup(config, tokenizer, encoded["train"], encoded["valid"], encoded["test"], start_state, weak_state,
-                 float(history["seconds"]), history, cached)
+            save_checkpoint(
+                weak_path,
+                model_with(config, tokenizer, weak_state),
+                asdict(config),
+                caching.tag({}, key),
+            )
+            save_checkpoint(
+                path,
+                model_with(config, tokenizer, start_state),
+                asdict(config),
+                caching.tag(extra, key),
+            )
+    return Setup(
+        config,
+        tokenizer,
+        encoded["train"],
+        encoded["valid"],
+        encoded["test"],
+        start_state,
+        weak_state,
+        float(history["seconds"]),
+        history,
+        cached,
+    )
 
 
-def model_with(config: PGConfig, tokenizer: BPETokenizer, state: dict) -> EncoderDecoder:
+def model_with(
+    config: PGConfig, tokenizer: BPETokenizer, state: dict
+) -> EncoderDecoder:
     model = EncoderDecoder(config.model_config(len(tokenizer)))
     model.load_state_dict(state)
     return model
@@ -268,33 +376,55 @@ class Evaluation:
 
 def evaluate(model: EncoderDecoder, setup: Setup, split: str = "test") -> Evaluation:
     """Greedy translations of a split scored with corpus BLEU and chrF (sacrebleu)."""
-    data = {"valid": setup.valid, "test": setup.test, "train": setup.train}[corpora.check_split(split)]
-    hyps = translate_texts(model, setup.tokenizer, data.sources, max_len=setup.config.max_len)
+    data = {"valid": setup.valid, "test": setup.test, "train": setup.train}[
+        corpora.check_split(split)
+    ]
+    hyps = translate_texts(
+        model, setup.tokenizer, data.sources, max_len=setup.config.max_len
+    )
     bleu = corpus_bleu(hyps, data.reference_texts)
     chrf = corpus_chrf(hyps, data.reference_texts)
-    return Evaluation(bleu.score, chrf.score, bleu.length_ratio, bleu.signature, chrf.signature, hyps)
+    return Evaluation(
+        bleu.score, chrf.score, bleu.length_ratio, bleu.signature, chrf.signature, hyps
+    )
 
 
-def expected_reward(model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234) -> float:
+def expected_reward(
+    model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234
+) -> float:
     """The objective PG maximizes, estimated on held-out data: mean sentence reward of sampled
     translations of the first ``valid_sources`` validation sources (fixed sampling seed)."""
     return float(_validation_rollout(model, setup, samples, seed).rewards.mean())
 
 
-def expected_reward_se(model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234) -> float:
+def expected_reward_se(
+    model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234
+) -> float:
     """Standard error of :func:`expected_reward` (from the spread of per-source mean rewards)."""
     per_source = _validation_rollout(model, setup, samples, seed).rewards.mean(dim=1)
     return float(per_source.std() / per_source.numel() ** 0.5)
 
 
-def _validation_rollout(model: EncoderDecoder, setup: Setup, samples: int | None, seed: int):
+def _validation_rollout(
+    model: EncoderDecoder, setup: Setup, samples: int | None, seed: int
+):
     config = setup.config
     data = setup.valid.subset(range(min(len(setup.valid), config.valid_sources)))
     generator = torch.Generator().manual_seed(seed)
     src = pad_batch(data.sources, setup.tokenizer.pad_id)
-    roll = rollout(model, src, data.reference_texts, setup.decode, setup.reward_fn, setup.tokenizer.bos_id,
-                   setup.tokenizer.eos_id, setup.tokenizer.pad_id, samples or config.reward_samples,
-                   config.max_len, generator=generator)
+    roll = rollout(
+        model,
+        src,
+        data.reference_texts,
+        setup.decode,
+        setup.reward_fn,
+        setup.tokenizer.bos_id,
+        setup.tokenizer.eos_id,
+        setup.tokenizer.pad_id,
+        samples or config.reward_samples,
+        config.max_len,
+        generator=generator,
+    )
     return roll
 
 
@@ -351,7 +481,11 @@ def fine_tune(
     def record(step: int) -> None:
         history.steps.append(step)
         history.seconds.append(elapsed)
-        reward = setup.start_reward(start_state) if step == 0 else expected_reward(model, setup)
+        reward = (
+            setup.start_reward(start_state)
+            if step == 0
+            else expected_reward(model, setup)
+        )
         history.valid_reward.append(reward)
 
     record(0)
@@ -360,16 +494,34 @@ def fine_tune(
         src, tgt, idx = next(batches)
         model.eval()
         refs = [setup.train.reference_texts[i] for i in idx]
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            roll = rollout(model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
-                           config.samples, config.max_len, greedy=estimator == "self-critical",
-                           generator=generator, times=history.times)
+        with torch.autocast(
+            "cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        ):
+            roll = rollout(
+                model,
+                src,
+                refs,
+                setup.decode,
+                setup.reward_fn,
+                tok.bos_id,
+                tok.eos_id,
+                tok.pad_id,
+                config.samples,
+                config.max_len,
+                greedy=estimator == "self-critical",
+                generator=generator,
+                times=history.times,
+            )
             back = time.perf_counter()
             b = baseline(estimator, roll.rewards, roll.greedy_rewards, average)
             average.update(roll.rewards)
-            loss = reinforce_loss(policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b)
+            loss = reinforce_loss(
+                policy_log_probs(model, roll, tok.eos_id, tok.pad_id), roll.rewards, b
+            )
             if mix > 0:
-                guard = mle_loss(model, src, tgt, tok.pad_id, config.mix_label_smoothing)[0]
+                guard = mle_loss(
+                    model, src, tgt, tok.pad_id, config.mix_label_smoothing
+                )[0]
                 loss = loss + mix * guard
         history.train_reward.append(float(roll.rewards.mean()))
         optimizer.zero_grad(set_to_none=True)
@@ -402,10 +554,17 @@ def continue_mle(
     history.seconds.append(0.0)
     history.valid_reward.append(setup.start_reward(start_state))
     trained = train(
-        model, setup.train.token_batches(config.control_batch_tokens, generator),
+        model,
+        setup.train.token_batches(config.control_batch_tokens, generator),
         lambda m, b: mle_loss(m, b[0], b[1], tok.pad_id, config.label_smoothing),
-        max_steps=10**9, lr=config.control_lr, warmup_steps=0, decay="constant", time_budget_s=seconds,
-        precision=config.pg_precision, progress=False, description="continued MLE",
+        max_steps=10**9,
+        lr=config.control_lr,
+        warmup_steps=0,
+        decay="constant",
+        time_budget_s=seconds,
+        precision=config.pg_precision,
+        progress=False,
+        description="continued MLE",
     )
     history.steps.append(len(trained.steps))
     history.seconds.append(trained.seconds)
@@ -449,8 +608,18 @@ def gradient_variance(
         idx = order[b * batch_size : (b + 1) * batch_size]
         src = pad_batch([setup.train.sources[i] for i in idx], tok.pad_id)
         refs = [setup.train.reference_texts[i] for i in idx]
-        args = (model, src, refs, setup.decode, setup.reward_fn, tok.bos_id, tok.eos_id, tok.pad_id,
-                config.samples, config.max_len)
+        args = (
+            model,
+            src,
+            refs,
+            setup.decode,
+            setup.reward_fn,
+            tok.bos_id,
+            tok.eos_id,
+            tok.pad_id,
+            config.samples,
+            config.max_len,
+        )
         average = float(rollout(*args, generator=generator).rewards.mean())
         sums = {e: None for e in ESTIMATORS}
         squares = {e: None for e in ESTIMATORS}
@@ -461,15 +630,20 @@ def gradient_variance(
             logp = policy_log_probs(model, roll, tok.eos_id, tok.pad_id)
             for e in ESTIMATORS:
                 model.zero_grad(set_to_none=True)
-                reinforce_loss(logp, roll.rewards, baseline(e, roll.rewards, roll.greedy_rewards, average)).backward(
-                    retain_graph=True
-                )
+                reinforce_loss(
+                    logp,
+                    roll.rewards,
+                    baseline(e, roll.rewards, roll.greedy_rewards, average),
+                ).backward(retain_graph=True)
                 g = flat_grad(model).double()
                 sums[e] = g if sums[e] is None else sums[e] + g
                 squares[e] = g * g if squares[e] is None else squares[e] + g * g
         for e in ESTIMATORS:
             mean = sums[e] / draws
-            variance[e] += float(((squares[e] - draws * mean * mean) / (draws - 1)).sum()) / batches
+            variance[e] += (
+                float(((squares[e] - draws * mean * mean) / (draws - 1)).sum())
+                / batches
+            )
     model.zero_grad(set_to_none=True)
     out = {f"variance_{e}": v for e, v in variance.items()}
     out["reward_sample"] = sum(rewards_seen) / len(rewards_seen)
@@ -533,7 +707,10 @@ class PGResult:
 
 
 def run_policy_gradient(
-    estimator: str = "leave-one-out", profile: str | None = None, seed: int = 0, progress: bool = False,
+    estimator: str = "leave-one-out",
+    profile: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
     setup: Setup | None = None,
 ) -> PGResult:
     """MLE start (cached), PG fine-tuning with ``estimator``, the continued-MLE control, test scores."""
@@ -546,20 +723,34 @@ def run_policy_gradient(
     pg_model, pg_history = fine_tune(setup, estimator, config.pg_steps, seed=seed)
     mle_model, mle_history = continue_mle(setup, pg_history.total_seconds, seed=seed)
     return PGResult(
-        estimator, profile, seed, config, start, evaluate(pg_model, setup), evaluate(mle_model, setup),
-        pg_history, mle_history, count_parameters(pg_model), setup.mle_seconds, time.perf_counter() - began,
+        estimator,
+        profile,
+        seed,
+        config,
+        start,
+        evaluate(pg_model, setup),
+        evaluate(mle_model, setup),
+        pg_history,
+        mle_history,
+        count_parameters(pg_model),
+        setup.mle_seconds,
+        time.perf_counter() - began,
     )
 
 
 @torch.no_grad()
-def position_accuracy(model: EncoderDecoder, setup: Setup, split: str = "valid", positions: int = 10) -> dict:
+def position_accuracy(
+    model: EncoderDecoder, setup: Setup, split: str = "valid", positions: int = 10
+) -> dict:
     """Exposure bias, per target position (BPE tokens): teacher-forced accuracy (the model sees the
     reference prefix) against free-running accuracy (greedy decoding from its own prefix; a position
     counts as right when the greedy token equals the reference token there).
     Returns arrays over positions 1..``positions`` and the mean teacher-forced NLL/accuracy."""
     from ..generation import translate
 
-    data = {"valid": setup.valid, "test": setup.test, "train": setup.train}[corpora.check_split(split)]
+    data = {"valid": setup.valid, "test": setup.test, "train": setup.train}[
+        corpora.check_split(split)
+    ]
     tok = setup.tokenizer
     model.eval()
     tf_right = torch.zeros(positions)
@@ -569,17 +760,27 @@ def position_accuracy(model: EncoderDecoder, setup: Setup, split: str = "valid",
         src, tgt, _ = data.batch(range(start, min(len(data), start + 128)))
         gold = tgt[:, 1:]
         tf = model(src, tgt[:, :-1], pad_id=tok.pad_id).argmax(-1)
-        free = translate(model, src, tok.bos_id, tok.eos_id, tok.pad_id, setup.config.max_len)[:, 1:]
+        free = translate(
+            model, src, tok.bos_id, tok.eos_id, tok.pad_id, setup.config.max_len
+        )[:, 1:]
         width = min(positions, gold.shape[1])
         if free.shape[1] < width:
-            free = torch.nn.functional.pad(free, (0, width - free.shape[1]), value=tok.pad_id)
+            free = torch.nn.functional.pad(
+                free, (0, width - free.shape[1]), value=tok.pad_id
+            )
         mask = (gold[:, :width] != tok.pad_id).float()
         tf_right[:width] += ((tf[:, :width] == gold[:, :width]).float() * mask).sum(0)
-        free_right[:width] += ((free[:, :width] == gold[:, :width]).float() * mask).sum(0)
+        free_right[:width] += ((free[:, :width] == gold[:, :width]).float() * mask).sum(
+            0
+        )
         counts[:width] += mask.sum(0)
     counts = counts.clamp_min(1)
     from ..translation import teacher_forced_stats
 
     stats = teacher_forced_stats(model, data)
-    return {"teacher_forced": (tf_right / counts).tolist(), "free_running": (free_right / counts).tolist(),
-            "token_accuracy": stats["token_accuracy"], "nll": stats["nll"]}
+    return {
+        "teacher_forced": (tf_right / counts).tolist(),
+        "free_running": (free_right / counts).tolist(),
+        "token_accuracy": stats["token_accuracy"],
+        "nll": stats["nll"],
+    }
