@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", choices=("quick", "full"), default=None)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if present)",
+    )
+    run.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: every core)"
+    )
+    run.add_argument(
         "--estimator",
         default="leave-one-out",
         help="policy-gradient baseline (run pg only)",
@@ -74,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     from . import runtime
 
+    # resolved once, here: the device, then the profile it implies, then the threads
+    try:
+        device = runtime.get_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    except ValueError as error:
+        parser.error(str(error))
+    args.profile = runtime.get_profile(args.profile, device)
+    args.device = str(device)
+    runtime.set_threads(args.threads)
     runtime.tune_allocator()
     result = EXPERIMENTS[args.experiment](args)
     print(json.dumps(result, sort_keys=True))
@@ -113,7 +131,9 @@ def train_models(profile: str | None, seed: int) -> dict[str, float]:
 def _run_language_models(args: argparse.Namespace) -> dict:
     from .experiments.language_models import run_language_models
 
-    return run_language_models(profile=args.profile, seed=args.seed).summary()
+    return run_language_models(
+        profile=args.profile, seed=args.seed, device=args.device
+    ).summary()
 
 
 def _run_policy_gradient(args: argparse.Namespace) -> dict:
@@ -122,22 +142,20 @@ def _run_policy_gradient(args: argparse.Namespace) -> dict:
 
     check_estimator(args.estimator)
     return run_policy_gradient(
-        args.estimator, profile=args.profile, seed=args.seed
+        args.estimator, profile=args.profile, seed=args.seed, device=args.device
     ).summary()
 
 
 def _run_gpt(args: argparse.Namespace) -> dict:
     from .experiments.gpt import run_gpt
 
-    return run_gpt(profile=args.profile, seed=args.seed).summary()
+    return run_gpt(profile=args.profile, seed=args.seed, device=args.device).summary()
 
 
 def _run_bert(args: argparse.Namespace) -> dict:
-    from . import runtime
     from .experiments.bert import run_bert
 
-    runtime.set_threads()
-    return run_bert(profile=args.profile, seed=args.seed).summary()
+    return run_bert(profile=args.profile, seed=args.seed, device=args.device).summary()
 
 
 EXPERIMENTS = {

@@ -325,14 +325,16 @@ def rollout(
     began = time.perf_counter()
     hypotheses = [decode(row) for row in tokens.tolist()]
     refs = [r for r in references for _ in range(samples)]
-    rewards = torch.tensor(reward_fn(hypotheses, refs), dtype=torch.float32).reshape(
-        src.shape[0], samples
-    )
+    rewards = torch.tensor(
+        reward_fn(hypotheses, refs), dtype=torch.float32, device=src.device
+    ).reshape(src.shape[0], samples)
     greedy_rewards = None
     if greedy_tokens is not None:
         greedy_hyps = [decode(row) for row in greedy_tokens.tolist()]
         greedy_rewards = torch.tensor(
-            reward_fn(greedy_hyps, list(references)), dtype=torch.float32
+            reward_fn(greedy_hyps, list(references)),
+            dtype=torch.float32,
+            device=src.device,
         )
     times.reward += time.perf_counter() - began
     times.samples += tokens.shape[0]
@@ -363,6 +365,8 @@ def entropy_and_rank(
 ) -> tuple[float, float, float]:
     """Peakiness under teacher forcing on references: mean entropy (nats) of the next-token
     distribution, mean rank of the reference token (1 = top) and the share where it is top-1."""
+    device = next(model.parameters()).device
+    src, tgt = src.to(device), tgt.to(device)
     with torch.no_grad():
         logits = model(src, tgt[:, :-1], pad_id=pad_id).float()
         gold = tgt[:, 1:]

@@ -244,8 +244,10 @@ def teacher_forced_stats(
     model.eval()
     correct = total = 0
     nll = 0.0
+    device = next(model.parameters()).device
     for start in range(0, len(data), batch_size):
         src, tgt, _ = data.batch(range(start, min(len(data), start + batch_size)))
+        src, tgt = src.to(device), tgt.to(device)
         logits = model(src, tgt[:, :-1], pad_id=data.pad_id)
         gold = tgt[:, 1:]
         mask = gold != data.pad_id
@@ -273,8 +275,11 @@ def translate_texts(
     if len(sources) == 0:
         raise ValueError("no sources to translate")
     outputs: list[str] = []
+    device = next(model.parameters()).device
     for start in range(0, len(sources), batch_size):
-        src = pad_batch(sources[start : start + batch_size], tokenizer.pad_id)
+        src = pad_batch(sources[start : start + batch_size], tokenizer.pad_id).to(
+            device
+        )
         tokens = translate(
             model,
             src,

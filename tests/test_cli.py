@@ -39,6 +39,16 @@ def test_unknown_experiment_and_profile_are_rejected():
         assert error.value.code == 2
 
 
+def test_bad_device_and_threads_are_rejected_by_name(capsys):
+    for argv, word in (
+        (["run", "lm", "--device", "abacus"], "abacus"),
+        (["run", "lm", "--threads", "0"], "--threads"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            cli.main(argv)
+        assert error.value.code == 2 and word in capsys.readouterr().err
+
+
 def test_module_entry_point_runs():
     done = subprocess.run(
         [sys.executable, "-m", "lmpg_utils", "--help"],

@@ -215,7 +215,8 @@ def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
         valid_sources=8,
         control_batch_tokens=400,
     )
-    setup = pgx.prepare(tiny)
+    setup = pgx.prepare(tiny, device="cpu")
+    assert setup.device == torch.device("cpu")
     assert not setup.cached and len(setup.mle_history["losses"]) == tiny.mle_steps
     assert setup.mle_history["averaged_steps"] == [11, 12]  # evenly over the last fifth
     again = pgx.prepare(tiny)
@@ -252,3 +253,6 @@ def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
     assert control_history.total_seconds >= max(history.total_seconds, 0.5)
     result = pgx.evaluate(model, setup, "valid")
     assert 0.0 <= result.bleu <= 100.0 and len(result.hypotheses) == len(setup.valid)
+    # the whole run on the given setup: its config and its device
+    summary = pgx.run_policy_gradient(setup=setup).summary()
+    assert summary["device"] == "cpu" and summary["pg_steps"] == tiny.pg_steps

@@ -223,6 +223,7 @@ class BertResult:
     test_examples: int
     pretrain_seconds: float
     seconds: float
+    device: str
     history: object = field(repr=False, default=None)
     model: object = field(repr=False, default=None)
     tokenizer: object = field(repr=False, default=None)
@@ -234,6 +235,7 @@ class BertResult:
             "experiment": "bert",
             "profile": self.profile,
             "seed": self.seed,
+            "device": self.device,
             "parameters": self.parameters,
             "mlm_accuracy": round(self.mlm_accuracy, 4),
             "mlm_baseline": round(self.mlm_baseline, 4),
@@ -311,14 +313,16 @@ def run_bert(
     seed: int = 0,
     progress: bool = True,
     tokenizer: BPETokenizer | None = None,
+    device: str | torch.device | None = None,
 ) -> BertResult:
     """Pre-train, evaluate and fine-tune a small BERT; see the module docstring.
 
     ``tokenizer`` (optional) must be :func:`train_tokenizer`'s result for this profile; it
-    saves training the same tokenizer twice when a notebook already has it.
+    saves training the same tokenizer twice when a notebook already has it. Everything
+    runs on ``device`` (default: :func:`runtime.get_device`).
     """
     start = time.perf_counter()
-    device = runtime.get_device()
+    device = runtime.get_device(str(device) if device is not None else None)
     profile = runtime.get_profile(profile, device)
     config = CONFIGS[profile]
     generator = runtime.set_seed(seed)
@@ -458,6 +462,7 @@ def run_bert(
         test_examples=len(test_data),
         pretrain_seconds=pretrain_seconds,
         seconds=time.perf_counter() - start,
+        device=str(device),
         history=history,
         model=model,
         tokenizer=tokenizer,

@@ -294,7 +294,7 @@ def attention_weights(model: GPT, ids: list[int]) -> list[Tensor]:
     model.eval()
     _, weights = model(torch.tensor([ids], device=device), need_weights=True)
     model.train(was_training)
-    return [w[0].cpu() for w in weights]
+    return [w[0].cpu() for w in weights]  # reporting: the notebook plots them
 
 
 @dataclass

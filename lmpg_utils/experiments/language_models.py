@@ -148,6 +148,7 @@ def lstm_token_log_probs(
     results: list[list[float]] = [[] for _ in sentences]
     for indices in _length_batches(sentences, max_tokens):
         batch = pad_batch([frame(sentences[i], vocab) for i in indices], vocab.pad_id)
+        batch = batch.to(next(model.parameters()).device)
         all_log_probs, _ = model(batch[:, :-1])
         log_probs = all_log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1)
         for row, i in enumerate(indices):
@@ -167,6 +168,7 @@ def cloze_token_log_probs(
     results: list[list[float]] = [[] for _ in sentences]
     for indices in _length_batches(sentences, max_tokens):
         batch = pad_batch([frame(sentences[i], vocab) for i in indices], vocab.pad_id)
+        batch = batch.to(next(model.parameters()).device)
         lengths = (batch != vocab.pad_id).sum(dim=1)
         log_probs = model(batch, lengths).gather(-1, batch[:, 1:-1, None]).squeeze(-1)
         for row, i in enumerate(indices):
@@ -194,6 +196,7 @@ class LanguageModelResults:
     test_unknown_rate: float
     seconds: dict[str, float]
     lstm_tokens_per_s: float
+    device: str
     ngram: KneserNeyLM | None = field(default=None, repr=False)
     lstm: LSTMLanguageModel | None = field(default=None, repr=False)
     cloze: BidirectionalLSTMCloze | None = field(default=None, repr=False)
@@ -204,6 +207,7 @@ class LanguageModelResults:
         return {
             "profile_config": asdict(self.config),
             "seed": self.seed,
+            "device": self.device,
             "test_perplexity": self.test_perplexity,
             "valid_perplexity": self.valid_perplexity,
             "ngram_valid_by_order": {
@@ -230,15 +234,17 @@ def run_language_models(
     config: LanguageModelConfig | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> LanguageModelResults:
     """Fit Kneser-Ney n-grams (the order is picked on validation) and train the LSTM and the cloze model.
 
     The trained neural models are cached in the user cache directory, keyed by the
     configuration and seed, so chapter 2 can put them in its table without training
-    them again; ``use_cache=False`` always trains.
+    them again; ``use_cache=False`` always trains. The LSTMs train and are evaluated on
+    ``device`` (default: :func:`runtime.get_device`); the n-grams are counted on the CPU.
     """
     config = config or config_for(profile)
-    device = torch.device("cpu")  # small recurrent models: the CPU is the reference
+    device = runtime.get_device(str(device) if device is not None else None)
     runtime.set_seed(seed)
     data = _word_data(config.vocab_size)
     vocab = data.vocab
@@ -347,6 +353,7 @@ def run_language_models(
         test_unknown_rate=data.unknown_rate("test"),
         seconds=seconds,
         lstm_tokens_per_s=tokens_per_s,
+        device=str(device),
         ngram=ngram,
         lstm=lstm,
         cloze=cloze,

@@ -191,7 +191,8 @@ def get_config(profile: str | None = None) -> PGConfig:
 
 @dataclass
 class Setup:
-    """Tokenizer, encoded splits, the MLE start's weights and how long it took to get them."""
+    """Tokenizer, encoded splits, the MLE start's weights and how long it took to get them,
+    and the device every model, batch and reward of the chapter lives on."""
 
     config: PGConfig
     tokenizer: BPETokenizer
@@ -203,6 +204,7 @@ class Setup:
     mle_seconds: float
     mle_history: dict
     cached: bool
+    device: torch.device
     _start_rewards: dict = field(default_factory=dict, repr=False)
 
     def start_reward(self, state: dict | None = None) -> float:
@@ -231,7 +233,7 @@ class Setup:
     def new_model(self, state: dict | None = None) -> EncoderDecoder:
         model = EncoderDecoder(self.config.model_config(len(self.tokenizer)))
         model.load_state_dict(self.start_state if state is None else state)
-        model.eval()
+        model.to(self.device).eval()
         return model
 
     def decode(self, ids) -> str:
@@ -260,6 +262,7 @@ def train_start(
     config: PGConfig,
     tokenizer: BPETokenizer,
     data: EncodedPairs,
+    device: torch.device,
     progress: bool = False,
 ) -> tuple[dict, dict, dict]:
     """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
@@ -268,7 +271,7 @@ def train_start(
     point in calibration, since the rate already decays to zero). Returns (start state,
     weak snapshot, history)."""
     generator = runtime.set_seed(config.start_seed)
-    model = EncoderDecoder(config.model_config(len(tokenizer)))
+    model = EncoderDecoder(config.model_config(len(tokenizer))).to(device)
     last = config.mle_steps
     spacing = max(1, config.mle_steps // (5 * config.average_last))
     keep_at = {last - i * spacing for i in range(config.average_last)}
@@ -281,7 +284,13 @@ def train_start(
     history = train(
         model,
         data.token_batches(config.mle_batch_tokens, generator),
-        lambda m, b: mle_loss(m, b[0], b[1], tokenizer.pad_id, config.label_smoothing),
+        lambda m, b: mle_loss(
+            m,
+            b[0].to(device),
+            b[1].to(device),
+            tokenizer.pad_id,
+            config.label_smoothing,
+        ),
         max_steps=config.mle_steps,
         lr=config.mle_lr,
         warmup_steps=config.mle_warmup,
@@ -302,8 +311,12 @@ def train_start(
     return averaged, snapshots[config.weak_step], record
 
 
-def prepare(config: PGConfig, progress: bool = False) -> Setup:
-    """Data, tokenizer and MLE start (loaded from the cache, else trained and saved)."""
+def prepare(
+    config: PGConfig, progress: bool = False, device: str | torch.device | None = None
+) -> Setup:
+    """Data, tokenizer and MLE start (loaded from the cache, else trained and saved), on
+    ``device`` (default: :func:`runtime.get_device`)."""
+    device = runtime.get_device(str(device) if device is not None else None)
     splits = load_pairs(config)
     key = config.start_key()
     path = caching.artifact_path(key)
@@ -324,7 +337,7 @@ def prepare(config: PGConfig, progress: bool = False) -> Setup:
         }
         if not cached:
             start_state, weak_state, history = train_start(
-                config, tokenizer, encoded["train"], progress
+                config, tokenizer, encoded["train"], device, progress
             )
             extra = {"tokenizer": tokenizer.to_str(), "history": json.dumps(history)}
             save_checkpoint(
@@ -350,6 +363,7 @@ def prepare(config: PGConfig, progress: bool = False) -> Setup:
         float(history["seconds"]),
         history,
         cached,
+        device,
     )
 
 
@@ -411,7 +425,7 @@ def _validation_rollout(
     config = setup.config
     data = setup.valid.subset(range(min(len(setup.valid), config.valid_sources)))
     generator = torch.Generator().manual_seed(seed)
-    src = pad_batch(data.sources, setup.tokenizer.pad_id)
+    src = pad_batch(data.sources, setup.tokenizer.pad_id).to(setup.device)
     roll = rollout(
         model,
         src,
@@ -476,7 +490,8 @@ def fine_tune(
     history = FineTuneHistory(estimator)
     elapsed = 0.0
 
-    dtype = autocast_dtype(config.pg_precision, "cpu")
+    device = setup.device
+    dtype = autocast_dtype(config.pg_precision, device.type)
 
     def record(step: int) -> None:
         history.steps.append(step)
@@ -492,10 +507,11 @@ def fine_tune(
     for step in range(1, steps + 1):
         began = time.perf_counter()
         src, tgt, idx = next(batches)
+        src, tgt = src.to(device), tgt.to(device)
         model.eval()
         refs = [setup.train.reference_texts[i] for i in idx]
         with torch.autocast(
-            "cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None
+            device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
         ):
             roll = rollout(
                 model,
@@ -556,7 +572,13 @@ def continue_mle(
     trained = train(
         model,
         setup.train.token_batches(config.control_batch_tokens, generator),
-        lambda m, b: mle_loss(m, b[0], b[1], tok.pad_id, config.label_smoothing),
+        lambda m, b: mle_loss(
+            m,
+            b[0].to(setup.device),
+            b[1].to(setup.device),
+            tok.pad_id,
+            config.label_smoothing,
+        ),
         max_steps=10**9,
         lr=config.control_lr,
         warmup_steps=0,
@@ -607,6 +629,7 @@ def gradient_variance(
     for b in range(batches):
         idx = order[b * batch_size : (b + 1) * batch_size]
         src = pad_batch([setup.train.sources[i] for i in idx], tok.pad_id)
+        src = src.to(setup.device)
         refs = [setup.train.reference_texts[i] for i in idx]
         args = (
             model,
@@ -668,6 +691,7 @@ class PGResult:
     parameters: int
     mle_seconds: float
     seconds: float
+    device: str
 
     def summary(self) -> dict:
         times = self.pg_history.times
@@ -675,7 +699,7 @@ class PGResult:
             "experiment": "pg",
             "estimator": self.estimator,
             "profile": self.profile,
-            "device": "cpu",
+            "device": self.device,
             "seed": self.seed,
             "parameters": self.parameters,
             "bleu_mle": round(self.start.bleu, 2),
@@ -712,13 +736,16 @@ def run_policy_gradient(
     seed: int = 0,
     progress: bool = False,
     setup: Setup | None = None,
+    device: str | torch.device | None = None,
 ) -> PGResult:
-    """MLE start (cached), PG fine-tuning with ``estimator``, the continued-MLE control, test scores."""
+    """MLE start (cached), PG fine-tuning with ``estimator``, the continued-MLE control,
+    test scores; on ``device`` (default: :func:`runtime.get_device`) unless ``setup`` is
+    given, whose device is used."""
     check_estimator(estimator)
     began = time.perf_counter()
     profile = runtime.get_profile(profile)
-    config = get_config(profile)
-    setup = setup or prepare(config, progress=progress)
+    setup = setup or prepare(get_config(profile), progress=progress, device=device)
+    config = setup.config
     start = evaluate(setup.new_model(), setup)
     pg_model, pg_history = fine_tune(setup, estimator, config.pg_steps, seed=seed)
     mle_model, mle_history = continue_mle(setup, pg_history.total_seconds, seed=seed)
@@ -735,6 +762,7 @@ def run_policy_gradient(
         count_parameters(pg_model),
         setup.mle_seconds,
         time.perf_counter() - began,
+        str(setup.device),
     )
 
 
@@ -758,6 +786,7 @@ def position_accuracy(
     counts = torch.zeros(positions)
     for start in range(0, len(data), 128):
         src, tgt, _ = data.batch(range(start, min(len(data), start + 128)))
+        src, tgt = src.to(setup.device), tgt.to(setup.device)
         gold = tgt[:, 1:]
         tf = model(src, tgt[:, :-1], pad_id=tok.pad_id).argmax(-1)
         free = translate(
@@ -769,11 +798,11 @@ def position_accuracy(
                 free, (0, width - free.shape[1]), value=tok.pad_id
             )
         mask = (gold[:, :width] != tok.pad_id).float()
-        tf_right[:width] += ((tf[:, :width] == gold[:, :width]).float() * mask).sum(0)
-        free_right[:width] += ((free[:, :width] == gold[:, :width]).float() * mask).sum(
-            0
-        )
-        counts[:width] += mask.sum(0)
+        tf_hits = (tf[:, :width] == gold[:, :width]).float() * mask
+        free_hits = (free[:, :width] == gold[:, :width]).float() * mask
+        tf_right[:width] += tf_hits.sum(0).to(tf_right.device)
+        free_right[:width] += free_hits.sum(0).to(free_right.device)
+        counts[:width] += mask.sum(0).to(counts.device)
     counts = counts.clamp_min(1)
     from ..translation import teacher_forced_stats
 
