@@ -17,7 +17,7 @@ discount is estimated from counts of counts, ``D = n1 / (n1 + 2 n2)``
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 
@@ -139,20 +139,3 @@ class KneserNeyLM:
         if count == 0:
             raise ValueError("perplexity of no sentences is undefined")
         return math.exp(total / count)
-
-
-def grid_of_orders(
-    train: Sequence[Sequence[int]],
-    valid: Sequence[Sequence[int]],
-    orders: Sequence[int],
-    vocab_size: int,
-    bos_id: int,
-    eos_id: int,
-) -> dict[int, float]:
-    """Validation perplexity for each n-gram order (used to pick the order on validation data)."""
-    scores: dict[int, float] = defaultdict(float)
-    for order in orders:
-        scores[order] = (
-            KneserNeyLM(order, vocab_size, bos_id, eos_id).fit(train).perplexity(valid)
-        )
-    return dict(scores)

@@ -536,8 +536,3 @@ def _balanced_prefix(labels: list[int], per_class: int) -> list[int]:
             seen[label] = seen.get(label, 0) + 1
             chosen.append(i)
     return chosen
-
-
-def config_dict(profile: str) -> dict:
-    """The named profile's configuration as plain data."""
-    return asdict(CONFIGS[runtime.get_profile(profile)])
