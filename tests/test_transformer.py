@@ -219,6 +219,17 @@ def test_models_reject_bad_ids():
         model(torch.full((1, 3), 50))
 
 
+def test_cached_decoding_steps_do_not_read_ids_back():
+    """A meta tensor has no values: reading its range raises, so this passes only when
+    the per-token path (offset > 0) skips the host-side range check."""
+    from lmpg_utils.transformer import _check_ids
+
+    ids = torch.zeros(2, 1, dtype=torch.long, device="meta")
+    _check_ids(ids, vocab_size=50, max_len=24, offset=3)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        _check_ids(ids, vocab_size=50, max_len=24, offset=0)
+
+
 def test_config_round_trips_through_dict():
     config = _config(positional="sinusoidal")
     assert TransformerConfig(**config.to_dict()) == config
