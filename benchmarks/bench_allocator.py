@@ -18,25 +18,25 @@ import sys
 
 CHILD = """
 import json, resource, sys
-from lmpg_utils import runtime
-from lmpg_utils.experiments import policy_gradient as pgx
+from lmpg_utils import runtime, translation
+from lmpg_utils.experiments import ch4_policy_gradient as ch4
 from lmpg_utils.training import train
-from lmpg_utils.translation import EncodedPairs, EncoderDecoder, mle_loss, train_tokenizer
+from lmpg_utils.translation import EncodedPairs, mle_loss, train_tokenizer
 
 tuned, steps = sys.argv[1] == "tuned", int(sys.argv[2])
 runtime.set_threads()
 if tuned:
     runtime.tune_allocator()
-config = pgx.get_config("quick")
-pairs = pgx.load_pairs(config)["train"]
-tokenizer = train_tokenizer(pairs, config.vocab_size)
-data = EncodedPairs.build(tokenizer, pairs, max_tokens=config.max_tokens)
-model = EncoderDecoder(config.model_config(len(tokenizer)))
-batches = data.token_batches(config.mle_batch_tokens, runtime.set_seed(0))
+start = ch4.PROFILES["quick"].start
+pairs = translation.load_pairs(start)["train"]
+tokenizer = train_tokenizer(pairs, start.vocab_size)
+data = EncodedPairs.build(tokenizer, pairs, max_tokens=start.max_tokens)
+model = translation.translator(start, len(tokenizer))
+batches = data.token_batches(start.mle_batch_tokens, runtime.set_seed(0))
 pad = tokenizer.pad_id
 before = resource.getrusage(resource.RUSAGE_SELF)
 history = train(model, batches, lambda m, b: mle_loss(m, b[0], b[1], pad, 0.1), max_steps=steps,
-                lr=config.mle_lr, warmup_steps=10, decay="linear", precision=config.mle_precision,
+                lr=start.mle_lr, warmup_steps=10, decay="linear", precision=start.mle_precision,
                 progress=False, description="benchmark")
 after = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"tokens_per_second": history.items_per_second,

@@ -116,10 +116,9 @@ def bench_attention(
 
 
 def bench_generation(device: torch.device, new_tokens: int, batch: int) -> dict:
-    from lmpg_utils.experiments.gpt import config_for
+    from lmpg_utils.experiments.ch2_gpt import PROFILES
 
-    config = config_for("quick")
-    model_config = config.model_config(6000)
+    model_config = PROFILES["quick"].gpt.model.with_vocab(6000)
     model_config.max_len = max(model_config.max_len, new_tokens + 1)
     model = GPT(model_config).to(device).eval()
     prompt = torch.full((batch, 1), 2, device=device)
@@ -148,23 +147,18 @@ def bench_generation(device: torch.device, new_tokens: int, batch: int) -> dict:
 
 
 def bench_training(device: torch.device, steps: int) -> dict:
-    from lmpg_utils.experiments.gpt import (
-        all_windows,
-        batch_iterator,
-        config_for,
-        lm_loss,
-        prepare_word_data,
-    )
-    from lmpg_utils.training import train
+    from lmpg_utils.experiments.ch2_gpt import PROFILES
+    from lmpg_utils.language_modeling import all_windows, lm_loss, word_data
+    from lmpg_utils.training import bucketed_batches, train
 
-    config = config_for("quick")
-    data = prepare_word_data("quick")
+    config = PROFILES["quick"].gpt
+    data = word_data(PROFILES["quick"].vocab_size)
     generator = runtime.set_seed(0)
-    model = GPT(config.model_config(len(data.vocab))).to(device)
+    model = GPT(config.model.with_vocab(len(data.vocab))).to(device)
     batches = (
         b.to(device)
-        for b in batch_iterator(
-            all_windows(data.train, data.vocab, config.max_len),
+        for b in bucketed_batches(
+            all_windows(data.train, data.vocab, config.model.max_len),
             config.batch_size,
             data.vocab.pad_id,
             generator,

@@ -1,18 +1,77 @@
 """Command line: ``python -m lmpg_utils data``, ``python -m lmpg_utils models`` and
-``python -m lmpg_utils run EXPERIMENT``."""
+``python -m lmpg_utils run EXPERIMENT``.
+
+Every experiment is run the same way (the contract in :mod:`lmpg_utils.configs`)::
+
+    python -m lmpg_utils run pg --profile quick --device cpu --threads 2 --seed 0 \\
+        --set estimator=self-critical --set pg_steps=10
+
+and prints its summary as JSON on its last line. ``--show-config`` prints the
+configuration the run would use, after ``--set``, and exits.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import corpora
 
+if TYPE_CHECKING:
+    from . import runtime
+
+#: command-line name -> module under ``lmpg_utils.experiments``; the one list of experiments
+EXPERIMENTS: dict[str, str] = {
+    "lm": "ch1_language_models",
+    "gpt": "ch2_gpt",
+    "bert": "ch3_bert",
+    "pg": "ch4_policy_gradient",
+}
+
+
+def experiment_module(name: str) -> ModuleType:
+    """The experiment module registered under command-line ``name``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(
+            f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}"
+        )
+    return importlib.import_module(f"lmpg_utils.experiments.{EXPERIMENTS[name]}")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        choices=("quick", "full"),
+        default=None,
+        help="default: LMPG_PROFILE, else full on CUDA and quick on a CPU",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="default: LMPG_SEED, else 0"
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: LMPG_DEVICE, else cuda if present)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: LMPG_THREADS, else every core)",
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmpg_utils", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lmpg_utils",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser(
         "data", help="report (and with --install, install) the corpora"
@@ -25,31 +84,29 @@ def main(argv: list[str] | None = None) -> int:
 
     models = commands.add_parser(
         "models",
-        help="train, once per code version, the models the chapters reuse (loads them when cached)",
+        help="train, once per code version, the models the chapters reuse "
+        "(loads them when cached)",
     )
-    models.add_argument("--profile", choices=("quick", "full"), default=None)
-    models.add_argument(
-        "--seed", type=int, default=None, help="default: LMPG_SEED, else 0"
-    )
+    _add_run_options(models)
 
     run = commands.add_parser(
         "run", help="run a chapter's main experiment; the last line printed is JSON"
     )
-    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    run.add_argument("--profile", choices=("quick", "full"), default=None)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("experiment", choices=list(EXPERIMENTS))
+    _add_run_options(run)
     run.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, ... (default: cuda if present)",
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one setting of the profile's Config (repeatable; nested as "
+        "model.d_model=256)",
     )
     run.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: every core)"
-    )
-    run.add_argument(
-        "--estimator",
-        default="leave-one-out",
-        help="policy-gradient baseline (run pg only)",
+        "--show-config",
+        action="store_true",
+        help="print the configuration after --set and exit",
     )
 
     args = parser.parse_args(argv)
@@ -64,106 +121,62 @@ def main(argv: list[str] | None = None) -> int:
                 if done:
                     print(f"installed Debian package {name}")
         return corpora.data_report()
-    if args.command == "models":
-        seed = (
-            args.seed
-            if args.seed is not None
-            else int(os.environ.get("LMPG_SEED", "0"))
-        )
-        for name, seconds in train_models(args.profile, seed).items():
-            print(f"{name}: {seconds:.0f} s")
-        return 0
-    if args.experiment == "pg":
-        from .policy_gradient import ESTIMATORS
 
-        if args.estimator not in ESTIMATORS:
-            parser.error(
-                f"unknown --estimator {args.estimator!r}; choose one of: {', '.join(ESTIMATORS)}"
-            )
-    from . import runtime
+    from . import configs, runtime
 
-    # resolved once, here: the device, then the profile it implies, then the threads
+    # resolved once, here: device, then the profile it implies, threads, seed, allocator
     try:
-        device = runtime.get_device(args.device)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        where = runtime.resolve(args.profile, args.device, args.threads, args.seed)
     except ValueError as error:
         parser.error(str(error))
-    args.profile = runtime.get_profile(args.profile, device)
-    args.device = str(device)
-    runtime.set_threads(args.threads)
-    runtime.tune_allocator()
-    result = EXPERIMENTS[args.experiment](args)
-    print(json.dumps(result, sort_keys=True))
+    if args.command == "models":
+        for name, seconds in train_models(where).items():
+            print(f"{name}: {seconds:.0f} s")
+        return 0
+
+    module = experiment_module(args.experiment)
+    try:
+        config = configs.apply_overrides(
+            configs.profile_config(module.PROFILES, where.profile), args.settings
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    if args.show_config:
+        print(
+            json.dumps(
+                configs.summary_header(
+                    module.NAME, config, where.seed, where.device, 0.0
+                )["config"],
+                sort_keys=True,
+            )
+        )
+        return 0
+    result = module.run(config, seed=where.seed, device=where.device)
+    print(json.dumps(result.summary(), sort_keys=True))
     return 0
 
 
-def train_models(profile: str | None, seed: int) -> dict[str, float]:
-    """Train (or load) chapter 1's LSTMs, chapter 2's GPT, chapter 3's BERT and chapter 4's
-    translator with every core, one after another, so that the notebooks only load them.
-    Returns the seconds each step took."""
-    import time
-
-    from . import runtime
-    from .experiments import bert, gpt, language_models, policy_gradient
-
-    runtime.set_threads()
-    runtime.tune_allocator()
+def train_models(where: runtime.Run) -> dict[str, float]:
+    """Train (or load) every chapter's cached models, one chapter after another, so that
+    the notebooks only load them. ``where`` is :func:`runtime.resolve`'s result.
+    Returns the seconds each experiment module took, by module name."""
     seconds = {}
-    steps = {
-        "chapter 1 LSTM and cloze models": lambda: language_models.run_language_models(
-            profile=profile, seed=seed
-        ),
-        "chapter 2 GPT": lambda: gpt.run_gpt(profile=profile, seed=seed),
-        "chapter 3 BERT": lambda: bert.run_bert(profile=profile, seed=seed),
-        "chapter 4 translator (MLE start)": lambda: policy_gradient.prepare(
-            policy_gradient.get_config(profile), progress=True
-        ),
-    }
-    for name, step in steps.items():
+    for name in EXPERIMENTS:
+        module = experiment_module(name)
         began = time.perf_counter()
-        step()
-        seconds[name] = time.perf_counter() - began
-        print(f"{name}: ready after {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+        module.prepare_models(
+            module.PROFILES[where.profile], seed=where.seed, device=where.device
+        )
+        seconds[EXPERIMENTS[name]] = time.perf_counter() - began
+        print(
+            f"{EXPERIMENTS[name]}: ready after {seconds[EXPERIMENTS[name]]:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return seconds
 
-
-def _run_language_models(args: argparse.Namespace) -> dict:
-    from .experiments.language_models import run_language_models
-
-    return run_language_models(
-        profile=args.profile, seed=args.seed, device=args.device
-    ).summary()
-
-
-def _run_policy_gradient(args: argparse.Namespace) -> dict:
-    from .experiments.policy_gradient import run_policy_gradient
-    from .policy_gradient import check_estimator
-
-    check_estimator(args.estimator)
-    return run_policy_gradient(
-        args.estimator, profile=args.profile, seed=args.seed, device=args.device
-    ).summary()
-
-
-def _run_gpt(args: argparse.Namespace) -> dict:
-    from .experiments.gpt import run_gpt
-
-    return run_gpt(profile=args.profile, seed=args.seed, device=args.device).summary()
-
-
-def _run_bert(args: argparse.Namespace) -> dict:
-    from .experiments.bert import run_bert
-
-    return run_bert(profile=args.profile, seed=args.seed, device=args.device).summary()
-
-
-EXPERIMENTS = {
-    "lm": _run_language_models,
-    "bert": _run_bert,
-    "gpt": _run_gpt,
-    "pg": _run_policy_gradient,
-}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,17 +105,25 @@ def translate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_log_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Decode a batch of sources (B, S) into targets (B, T) starting with BOS.
 
     Greedy when ``temperature == 0``, else sampled. After a row emits EOS it is
     padded with ``pad_id``; decoding stops when every row has ended or after
     ``max_len`` tokens. Rows that never emit EOS end at ``max_len`` unterminated.
+
+    With ``return_log_probs`` also returns, for every chosen token, its log-probability
+    under the policy at decoding time, ``(B, T - 1)`` and 0 after a row's EOS: the
+    policy is :func:`policy_logits` at temperature 1 (what :func:`sequence_log_probs`
+    scores), so these are the "old" log-probs a clipped-ratio loss or a KL term needs.
     """
     if src.dim() != 2 or src.shape[0] == 0 or src.shape[1] == 0:
         raise ValueError(
             f"src must be a non-empty (batch, length) tensor, got shape {tuple(src.shape)}"
         )
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     empty = (src != pad_id).sum(dim=1) == 0
     if bool(empty.any()):
         raise ValueError(
@@ -130,11 +138,15 @@ def translate(
     tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
     step_input = tokens
+    chosen_log_probs = []
     for _ in range(max_len):
         logits = model.decode(step_input, memory, src_padding_mask, cache=cache)[:, -1]
-        next_token = pick_next(
-            policy_logits(logits, bos_id, pad_id), temperature, top_k, generator
-        )
+        allowed = policy_logits(logits, bos_id, pad_id)
+        next_token = pick_next(allowed, temperature, top_k, generator)
+        if return_log_probs:
+            step = F.log_softmax(allowed.float(), dim=-1)
+            step = step.gather(-1, next_token[:, None]).squeeze(-1)
+            chosen_log_probs.append(torch.where(finished, torch.zeros_like(step), step))
         next_token = torch.where(
             finished, torch.full_like(next_token, pad_id), next_token
         )
@@ -144,6 +156,8 @@ def translate(
         if bool(finished.all()):
             break
     model.train(was_training)
+    if return_log_probs:
+        return tokens, torch.stack(chosen_log_probs, dim=1)
     return tokens
 
 
@@ -162,6 +176,7 @@ def sequence_log_probs(
     eos_id: int,
     pad_id: int,
     bos_id: int | None = None,
+    per_token: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of each target sequence under the translation policy, with gradients.
 
@@ -169,11 +184,14 @@ def sequence_log_probs(
     The policy is the one :func:`translate` samples from (:func:`policy_logits`: BOS
     and PAD forbidden). The sum runs over exactly the sampled tokens up to and
     including the first EOS (padding after it is excluded). Returns
-    ``(log_prob (B,), token_count (B,))``.
+    ``(log_prob (B,), token_count (B,))``; with ``per_token``, the terms of that sum
+    instead: ``(log_probs (B, T - 1), mask (B, T - 1))``, 0 where the mask is False
+    (what a per-token KL penalty or clipped-ratio loss needs).
     """
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(
-            f"tokens must be (batch, length >= 2) starting with BOS, got shape {tuple(tokens.shape)}"
+            "tokens must be (batch, length >= 2) starting with BOS, "
+            f"got shape {tuple(tokens.shape)}"
         )
     bos_id = int(tokens[0, 0]) if bos_id is None else bos_id
     logits = model(src, tokens[:, :-1], pad_id=pad_id)
@@ -181,6 +199,7 @@ def sequence_log_probs(
     chosen = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     mask = target_mask(tokens, eos_id, pad_id)
     # where, not a product: a PAD after EOS scores -inf under the policy, and 0 * -inf is nan
-    return torch.where(mask, chosen, torch.zeros_like(chosen)).sum(dim=1), mask.sum(
-        dim=1
-    )
+    terms = torch.where(mask, chosen, torch.zeros_like(chosen))
+    if per_token:
+        return terms, mask
+    return terms.sum(dim=1), mask.sum(dim=1)

@@ -12,21 +12,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 
-def pad_batch(sentences: list[list[int]], pad_id: int = 0) -> Tensor:
-    """Right-pad lists of ids into a (batch, max_len) long tensor."""
-    if not sentences:
-        raise ValueError("cannot pad an empty batch")
-    width = max(len(s) for s in sentences)
-    if width == 0:
-        raise ValueError("every sentence in the batch is empty")
-    out = torch.full((len(sentences), width), pad_id, dtype=torch.long)
-    for row, sentence in enumerate(sentences):
-        out[row, : len(sentence)] = torch.as_tensor(sentence, dtype=torch.long)
-    return out
+@dataclass(frozen=True)
+class LSTMSizes:
+    """The sizes shared by chapter 1's two LSTMs (:class:`LSTMLanguageModel` and
+    :class:`BidirectionalLSTMCloze`); the vocabulary comes from the data."""
+
+    d_embed: int = 128
+    d_hidden: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("d_embed", "d_hidden"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class LSTMLanguageModel(nn.Module):

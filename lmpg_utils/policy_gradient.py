@@ -1,60 +1,61 @@
-"""REINFORCE for sequences: baselines, the surrogate loss, and an exactly checkable toy policy.
+"""Policy gradient as parts: advantage estimators, losses, rollouts and one update loop.
 
-The estimator of the gradient of the expected reward :math:`J(\\theta)=E_{y\\sim\\pi_\\theta}[R(y)]` is
+The REINFORCE estimate of the gradient of the expected reward
+:math:`J(\\theta)=E_{y\\sim\\pi_\\theta}[R(y)]` is
 
 .. math:: \\hat g = \\frac{1}{N}\\sum_i (R(y_i) - b_i)\\, \\nabla_\\theta \\log \\pi_\\theta(y_i),
    \\qquad \\log \\pi_\\theta(y) = \\sum_t \\log \\pi_\\theta(y_t \\mid y_{<t}, x),
 
-implemented as the surrogate loss ``-(R - b).detach() * log_prob`` whose gradient is
-:math:`-\\hat g`. The four estimators differ only in the baseline ``b``:
+implemented as the surrogate loss ``-(R - b).detach() * log_prob``
+(:func:`reinforce_loss`) whose gradient is :math:`-\\hat g`. The estimators of
+:data:`ESTIMATORS` differ only in the baseline ``b`` and declare what it needs:
 
 * ``none``: ``b = 0``;
-* ``moving-average``: an exponential moving average of past batch-mean rewards;
-* ``self-critical``: the reward of the greedy decode of the same source (Rennie et al. 2017);
+* ``moving-average``: an exponential moving average of past batch-mean rewards
+  (``needs_history``: the loop keeps a :class:`MovingAverage` for it alone);
+* ``self-critical``: the reward of the greedy decode of the same source (Rennie et al.
+  2017; ``needs_greedy``: the rollout also decodes greedily);
 * ``leave-one-out``: the mean reward of the *other* K-1 samples of the same source (RLOO).
 
 A baseline that does not depend on the sample it multiplies leaves the estimator
 unbiased; the toy :class:`TabularSequencePolicy` lets the notebook check that by
-enumerating every sequence.
+enumerating every sequence. Beside the REINFORCE surrogate, :func:`clipped_ratio_loss`
+(PPO's clipped surrogate, per token) and :func:`kl_penalty` (per-token estimates of the
+KL divergence to a reference policy) are the parts RLHF adds. :func:`rollout` samples
+and scores translations as described by a :class:`Decoding`, and
+:func:`policy_update_loop` is the one loop that turns rollouts into updates.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .generation import sequence_log_probs, translate
+from .generation import sequence_log_probs, target_mask, translate
+from .training import autocast_dtype
 from .transformer import EncoderDecoder
 
-ESTIMATORS: tuple[str, ...] = (
-    "none",
-    "moving-average",
-    "self-critical",
-    "leave-one-out",
-)
+Batch = TypeVar("Batch")
+
+#: ``reward_fn(sources, hypotheses, references) -> rewards``: one reward per hypothesis,
+#: given the source it translates (a learned reward reads it) and its reference
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
 
 
-def check_estimator(name: str) -> str:
-    """Return ``name`` if it is a known estimator, else raise ``ValueError`` listing them."""
-    if name not in ESTIMATORS:
-        raise ValueError(
-            f"unknown estimator {name!r}; valid estimators are: {', '.join(ESTIMATORS)}"
-        )
-    return name
-
-
-def _check_rewards(rewards: Tensor) -> None:
+def _check_rewards(rewards: Tensor, name: str = "rewards") -> None:
     if rewards.dim() != 2 or rewards.numel() == 0:
         raise ValueError(
-            f"rewards must be a non-empty (sources, samples) tensor, got shape {tuple(rewards.shape)}"
+            f"{name} must be a non-empty (sources, samples) tensor, "
+            f"got shape {tuple(rewards.shape)}"
         )
     if not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values")
 
 
 def leave_one_out_baseline(rewards: Tensor) -> Tensor:
@@ -69,7 +70,8 @@ def leave_one_out_baseline(rewards: Tensor) -> Tensor:
 
 
 class MovingAverage:
-    """Exponential moving average baseline ``b <- beta * b + (1 - beta) * mean(R)`` (starts at the first mean)."""
+    """Exponential moving average ``b <- beta * b + (1 - beta) * mean(R)`` (starts at the
+    first mean): the history the ``moving-average`` estimator needs."""
 
     def __init__(self, beta: float = 0.9):
         if not 0.0 <= beta < 1.0:
@@ -78,6 +80,7 @@ class MovingAverage:
         self.value: float | None = None
 
     def update(self, rewards: Tensor) -> None:
+        """Add a batch's mean reward."""
         mean = float(rewards.mean())
         self.value = (
             mean
@@ -86,24 +89,72 @@ class MovingAverage:
         )
 
 
-def baseline(
-    estimator: str,
-    rewards: Tensor,
-    greedy_rewards: Tensor | None = None,
-    moving_average: MovingAverage | float | None = None,
-) -> Tensor:
-    """The baseline (B, K) that ``estimator`` subtracts from ``rewards`` (B, K).
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: a name, what it needs, and its baseline.
 
-    ``self-critical`` needs ``greedy_rewards`` (B,); ``moving-average`` uses the value
-    *before* this batch is added (so b does not depend on the current samples; 0 at first).
+    ``needs_greedy``: the greedy decode's rewards (B,) must be passed;
+    ``needs_history``: the value of a :class:`MovingAverage` of past rewards (the value
+    *before* the current batch is added, so ``b`` does not depend on the current
+    samples; ``None`` at first); ``min_samples``: the samples per source it needs.
     """
-    check_estimator(estimator)
-    _check_rewards(rewards)
-    if estimator == "none":
+
+    name: str
+    needs_greedy: bool = False
+    needs_history: bool = False
+    min_samples: int = 1
+
+    def baseline(
+        self,
+        rewards: Tensor,
+        greedy_rewards: Tensor | None = None,
+        history: float | None = None,
+    ) -> Tensor:
+        """The baseline (B, K) subtracted from ``rewards`` (B, K)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no baseline")
+
+    def advantages(
+        self,
+        rewards: Tensor,
+        greedy_rewards: Tensor | None = None,
+        history: float | None = None,
+    ) -> Tensor:
+        """``rewards - baseline`` (B, K), what the losses weight log-probabilities by."""
+        return rewards - self.baseline(rewards, greedy_rewards, history)
+
+
+@dataclass(frozen=True)
+class NoBaseline(Estimator):
+    """``b = 0``: plain REINFORCE."""
+
+    name: str = "none"
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        _check_rewards(rewards)
         return torch.zeros_like(rewards)
-    if estimator == "leave-one-out":
-        return leave_one_out_baseline(rewards)
-    if estimator == "self-critical":
+
+
+@dataclass(frozen=True)
+class MovingAverageBaseline(Estimator):
+    """``b`` = a moving average of past batch-mean rewards (0 before the first batch)."""
+
+    name: str = "moving-average"
+    needs_history: bool = True
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        _check_rewards(rewards)
+        return torch.full_like(rewards, 0.0 if history is None else float(history))
+
+
+@dataclass(frozen=True)
+class SelfCritical(Estimator):
+    """``b`` = the reward of the greedy translation of the same source."""
+
+    name: str = "self-critical"
+    needs_greedy: bool = True
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        _check_rewards(rewards)
         if greedy_rewards is None or greedy_rewards.shape != rewards.shape[:1]:
             raise ValueError(
                 f"self-critical needs greedy_rewards of shape ({rewards.shape[0]},)"
@@ -111,30 +162,107 @@ def baseline(
         if not bool(torch.isfinite(greedy_rewards).all()):
             raise ValueError("greedy rewards contain NaN or infinite values")
         return greedy_rewards[:, None].expand_as(rewards).to(rewards.dtype)
-    value = (
-        moving_average.value
-        if isinstance(moving_average, MovingAverage)
-        else moving_average
-    )
-    return torch.full_like(rewards, 0.0 if value is None else float(value))
 
 
-def reinforce_loss(log_probs: Tensor, rewards: Tensor, baselines: Tensor) -> Tensor:
-    """Surrogate loss ``-mean((R - b) * log pi(y))``; its gradient is minus the REINFORCE estimate.
+@dataclass(frozen=True)
+class LeaveOneOut(Estimator):
+    """``b`` = the mean reward of the other samples of the same source (RLOO)."""
 
-    All three are (B, K). ``R - b`` is detached: rewards are not differentiated. If every
-    advantage is zero the loss (and its gradient) is exactly zero, never NaN.
+    name: str = "leave-one-out"
+    min_samples: int = 2
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        return leave_one_out_baseline(rewards)
+
+
+#: the one list of estimator names (the command line and configs take their choices here)
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (NoBaseline(), MovingAverageBaseline(), SelfCritical(), LeaveOneOut())
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def reinforce_loss(log_probs: Tensor, advantages: Tensor) -> Tensor:
+    """Surrogate loss ``-mean(A * log pi(y))``; its gradient is minus the REINFORCE estimate.
+
+    Both are (B, K); ``A = R - b`` comes from an :class:`Estimator` and is detached:
+    rewards are not differentiated. If every advantage is zero the loss (and its
+    gradient) is exactly zero, never NaN.
     """
-    if log_probs.shape != rewards.shape or baselines.shape != rewards.shape:
+    if log_probs.shape != advantages.shape:
         raise ValueError(
-            f"shapes differ: log_probs {tuple(log_probs.shape)}, rewards {tuple(rewards.shape)}, "
-            f"baselines {tuple(baselines.shape)}"
+            f"shapes differ: log_probs {tuple(log_probs.shape)}, "
+            f"advantages {tuple(advantages.shape)}"
         )
-    _check_rewards(rewards)
-    if not bool(torch.isfinite(baselines).all()):
-        raise ValueError("baselines contain NaN or infinite values")
-    advantage = (rewards - baselines).detach().to(log_probs.dtype)
-    return -(advantage * log_probs).mean()
+    _check_rewards(advantages, "advantages")
+    return -(advantages.detach().to(log_probs.dtype) * log_probs).mean()
+
+
+def _check_per_token(mask: Tensor, **tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.shape != mask.shape:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} and mask {tuple(mask.shape)} differ"
+            )
+    if mask.dtype != torch.bool or not bool(mask.any()):
+        raise ValueError("mask must be a boolean tensor with at least one True")
+
+
+def clipped_ratio_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip: float = 0.2,
+) -> Tensor:
+    """PPO's clipped surrogate (the loss of PPO and GRPO), averaged over the masked tokens.
+
+    Per token, with the ratio ``r = exp(log_probs - old_log_probs)`` of the current policy
+    to the one that sampled: ``-min(r A, clip(r, 1 - clip, 1 + clip) A)``. Where the
+    clipped term is the smaller one the loss has no gradient, so one rollout cannot push
+    the policy far from the sampling policy. ``log_probs``, ``old_log_probs`` and
+    ``mask`` are (B, T); ``advantages`` is (B,) per sequence or (B, T) per token.
+    ``old_log_probs`` and ``advantages`` are detached.
+    """
+    if not 0.0 < clip < 1.0:
+        raise ValueError(f"clip must be in (0, 1), got {clip}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(log_probs)
+    _check_per_token(
+        mask, log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages
+    )
+    advantages = advantages.detach().to(log_probs.dtype)
+    ratio = torch.exp(log_probs - old_log_probs.detach())
+    surrogate = torch.minimum(
+        ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    )
+    return -(surrogate * mask).sum() / mask.sum()
+
+
+KL_KINDS: tuple[str, ...] = ("k1", "k3")
+
+
+def kl_penalty(
+    log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, kind: str = "k1"
+) -> Tensor:
+    """Per-sequence estimates (B,) of KL(pi || ref) from tokens sampled from ``pi``.
+
+    Sums over the masked tokens of (B, T) per-token estimates, with
+    ``d = ref_log_probs - log_probs``: ``k1 = -d`` (unbiased, can be negative) or
+    ``k3 = exp(d) - 1 - d`` (unbiased and never negative, lower variance; Schulman 2020).
+    Each has the sequence KL as its expectation under ``pi``.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_KINDS}")
+    _check_per_token(mask, log_probs=log_probs, ref_log_probs=ref_log_probs)
+    difference = ref_log_probs - log_probs
+    terms = -difference if kind == "k1" else torch.expm1(difference) - difference
+    return torch.where(mask, terms, torch.zeros_like(terms)).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,28 +348,29 @@ class TabularSequencePolicy:
         reward: Callable[[Tensor], Tensor],
         samples_per_estimate: int,
         estimates: int,
-        estimator: str = "none",
+        estimator: Estimator = ESTIMATORS["none"],
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``estimates`` independent REINFORCE gradients, each from ``samples_per_estimate`` samples.
 
-        Returns (estimates, theta.numel()). ``estimator`` is ``none`` or ``leave-one-out``
-        (the other baselines need a model to decode greedily or a training history).
+        Returns (estimates, theta.numel()). The toy has no greedy decode and no training
+        history, so an ``estimator`` that needs either is refused.
         """
-        if estimator not in ("none", "leave-one-out"):
+        if estimator.needs_greedy or estimator.needs_history:
             raise ValueError(
-                f"the toy policy supports 'none' and 'leave-one-out', got {estimator!r}"
+                f"{estimator.name} needs a greedy decode or a training history, "
+                "which the toy policy does not have"
             )
         m = samples_per_estimate
         seqs = self.sample(estimates * m, generator)
         rewards = reward(seqs).to(self.theta.dtype).reshape(estimates, m)
-        b = baseline(estimator, rewards)
+        advantages = estimator.advantages(rewards)
         scores = self.score_function(seqs).reshape(estimates, m, -1)
-        return ((rewards - b)[..., None] * scores).mean(dim=1)
+        return (advantages[..., None] * scores).mean(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
-# One policy-gradient update of the translation model
+# Rollouts and the update loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -271,87 +400,216 @@ class StepTimes:
         return self.samples / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a rollout decodes: ``samples`` translations per source (temperature 1) of at
+    most ``max_len`` tokens, the special ids, and whether to also decode greedily
+    (``greedy_baseline``: the self-critical baseline)."""
+
+    samples: int
+    max_len: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    greedy_baseline: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+
+
 @dataclass
 class Rollout:
-    """K sampled translations per source, their rewards (B, K), greedy rewards (B,) if decoded, lengths."""
+    """K sampled translations per source and what the losses need of them.
+
+    ``tokens`` (B*K, T) start with BOS; ``src`` (B*K, S) is each source repeated K times;
+    ``rewards`` (B, K); ``greedy_rewards`` (B,) when the decoding asked for them;
+    ``log_probs`` (B*K, T-1) are the sampling-time per-token log-probabilities under the
+    policy and ``mask`` (B*K, T-1) marks the tokens up to and including each EOS.
+    """
 
     tokens: Tensor
     src: Tensor
     rewards: Tensor
     greedy_rewards: Tensor | None
+    log_probs: Tensor
+    mask: Tensor
+    decoding: Decoding
     hypotheses: list[str] = field(default_factory=list)
 
 
 def rollout(
     model: EncoderDecoder,
     src: Tensor,
+    sources: Sequence[str],
     references: Sequence[str],
+    decoding: Decoding,
     decode: Callable[[Sequence[int]], str],
-    reward_fn: Callable[[list[str], list[str]], list[float]],
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    samples: int,
-    max_len: int,
-    greedy: bool = False,
+    reward_fn: RewardFn,
     generator: torch.Generator | None = None,
     times: StepTimes | None = None,
 ) -> Rollout:
-    """Sample ``samples`` translations of every source (batched, KV cache) and score them.
+    """Sample ``decoding.samples`` translations of every source (batched, KV cache) and
+    score them with ``reward_fn(sources, hypotheses, references)``, on ``src``'s device.
 
-    With ``greedy`` also decodes and scores the greedy translation (self-critical's baseline).
+    ``sources`` are the source texts and ``references`` the reference translations, one
+    per row of ``src``; ``decode`` turns token ids into text. Time spent sampling and
+    scoring is added to ``times``.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if src.shape[0] != len(references):
-        raise ValueError(f"{src.shape[0]} sources but {len(references)} references")
+    if not src.shape[0] == len(sources) == len(references):
+        raise ValueError(
+            f"{src.shape[0]} sources, {len(sources)} source texts and "
+            f"{len(references)} references"
+        )
     times = times if times is not None else StepTimes()
+    d = decoding
     began = time.perf_counter()
-    repeated = src.repeat_interleave(samples, dim=0)
-    tokens = translate(
+    repeated = src.repeat_interleave(d.samples, dim=0)
+    tokens, log_probs = translate(
         model,
         repeated,
-        bos_id,
-        eos_id,
-        pad_id,
-        max_len,
+        d.bos_id,
+        d.eos_id,
+        d.pad_id,
+        d.max_len,
         temperature=1.0,
         generator=generator,
+        return_log_probs=True,
     )
     greedy_tokens = (
-        translate(model, src, bos_id, eos_id, pad_id, max_len) if greedy else None
+        translate(model, src, d.bos_id, d.eos_id, d.pad_id, d.max_len)
+        if d.greedy_baseline
+        else None
     )
     times.sampling += time.perf_counter() - began
     began = time.perf_counter()
     hypotheses = [decode(row) for row in tokens.tolist()]
-    refs = [r for r in references for _ in range(samples)]
+    each_source = [s for s in sources for _ in range(d.samples)]
+    each_reference = [r for r in references for _ in range(d.samples)]
     rewards = torch.tensor(
-        reward_fn(hypotheses, refs), dtype=torch.float32, device=src.device
-    ).reshape(src.shape[0], samples)
+        reward_fn(each_source, hypotheses, each_reference),
+        dtype=torch.float32,
+        device=src.device,
+    ).reshape(src.shape[0], d.samples)
     greedy_rewards = None
     if greedy_tokens is not None:
         greedy_hyps = [decode(row) for row in greedy_tokens.tolist()]
         greedy_rewards = torch.tensor(
-            reward_fn(greedy_hyps, list(references)),
+            reward_fn(list(sources), greedy_hyps, list(references)),
             dtype=torch.float32,
             device=src.device,
         )
     times.reward += time.perf_counter() - began
     times.samples += tokens.shape[0]
-    return Rollout(tokens, repeated, rewards, greedy_rewards, hypotheses)
+    mask = target_mask(tokens, d.eos_id, d.pad_id)
+    return Rollout(
+        tokens, repeated, rewards, greedy_rewards, log_probs, mask, d, hypotheses
+    )
 
 
-def policy_log_probs(
-    model: EncoderDecoder, roll: Rollout, eos_id: int, pad_id: int
-) -> Tensor:
+def policy_log_probs(model: EncoderDecoder, roll: Rollout) -> Tensor:
     """log pi(y) of every sample (B, K), with gradients, counting tokens up to and including EOS."""
-    logp, _ = sequence_log_probs(model, roll.src, roll.tokens, eos_id, pad_id)
+    d = roll.decoding
+    logp, _ = sequence_log_probs(model, roll.src, roll.tokens, d.eos_id, d.pad_id)
     return logp.reshape(roll.rewards.shape)
+
+
+@dataclass
+class FineTuneHistory:
+    """Learning curve of one fine-tuning run: at each evaluated step its seconds of
+    training and the evaluation value (``valid_reward``: the expected reward on held-out
+    data), the mean sampled reward of every update, and where the time went."""
+
+    method: str
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    valid_reward: list[float] = field(default_factory=list)
+    train_reward: list[float] = field(default_factory=list)
+    times: StepTimes = field(default_factory=StepTimes)
+    total_seconds: float = 0.0
+
+    def record(self, step: int, seconds: float, value: float) -> None:
+        """Add one evaluation."""
+        self.steps.append(step)
+        self.seconds.append(seconds)
+        self.valid_reward.append(value)
+
+
+def policy_update_loop(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    sample: Callable[[nn.Module, Batch, StepTimes], Rollout],
+    estimator: Estimator,
+    loss_fn: Callable[[nn.Module, Batch, Rollout, Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    evaluate: Callable[[nn.Module], float],
+    eval_every: int,
+    start_value: float | None = None,
+    precision: str = "fp32",
+    ma_beta: float = 0.9,
+    clip_norm: float = 1.0,
+) -> FineTuneHistory:
+    """``steps`` policy-gradient updates of ``model``; returns its learning curve.
+
+    Each update takes the next batch, draws a rollout with ``sample(model, batch,
+    times)`` (which must decode greedily if ``estimator.needs_greedy``), turns its
+    rewards into advantages with ``estimator`` (keeping a :class:`MovingAverage` of
+    rate ``ma_beta`` only if the estimator needs a history), and steps ``optimizer`` on
+    ``loss_fn(model, batch, rollout, advantages)`` with gradients clipped to
+    ``clip_norm``, under autocast in ``precision``. Dropout stays off throughout, so the
+    sampling policy and the differentiated policy coincide. ``evaluate(model)`` is
+    recorded at step 0 (``start_value`` when it is already known), every
+    ``eval_every`` updates and at the end; its time is not counted as training time.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be positive, got {eval_every}")
+    device_type = next(model.parameters()).device.type
+    dtype = autocast_dtype(precision, device_type)
+    average = MovingAverage(ma_beta) if estimator.needs_history else None
+    history = FineTuneHistory(estimator.name)
+    elapsed = 0.0
+    model.eval()
+    history.record(0, elapsed, evaluate(model) if start_value is None else start_value)
+    for step in range(1, steps + 1):
+        began = time.perf_counter()
+        batch = next(batches)
+        model.eval()
+        with torch.autocast(
+            device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        ):
+            roll = sample(model, batch, history.times)
+            back = time.perf_counter()
+            advantages = estimator.advantages(
+                roll.rewards,
+                roll.greedy_rewards,
+                None if average is None else average.value,
+            )
+            if average is not None:
+                average.update(roll.rewards)
+            loss = loss_fn(model, batch, roll, advantages)
+        history.train_reward.append(float(roll.rewards.mean()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        history.times.backward += time.perf_counter() - back
+        elapsed += time.perf_counter() - began
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            history.record(step, elapsed, evaluate(model))
+    history.total_seconds = elapsed
+    model.eval()
+    return history
 
 
 def flat_grad(model: torch.nn.Module) -> Tensor:
     """All parameter gradients concatenated into one vector (zeros where a gradient is missing)."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    params = [p for p in model.parameters() if p.requires_grad]
     return torch.cat(
         [
             (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()

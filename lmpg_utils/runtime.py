@@ -13,6 +13,7 @@ import ctypes
 import os
 import platform
 import random
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -81,7 +82,11 @@ def set_seed(seed: int) -> torch.Generator:
 def set_threads(count: int | None = None) -> int:
     """Set PyTorch's intra-op thread count (default: ``LMPG_THREADS`` or all cores)."""
     if count is None:
-        count = int(os.environ.get("LMPG_THREADS", "0")) or (os.cpu_count() or 1)
+        text = os.environ.get("LMPG_THREADS", "0")
+        try:
+            count = int(text) or (os.cpu_count() or 1)
+        except ValueError:
+            raise ValueError(f"LMPG_THREADS must be an integer, got {text!r}") from None
     if count < 1:
         raise ValueError(f"thread count must be at least 1, got {count}")
     torch.set_num_threads(count)
@@ -123,14 +128,58 @@ def tune_allocator() -> str:
     return _allocator
 
 
-def describe() -> dict[str, object]:
-    """A short summary of the runtime, printed at the top of each chapter."""
-    device = get_device()
+@dataclass(frozen=True)
+class Run:
+    """How this process runs, resolved once at the edge by :func:`resolve`."""
+
+    profile: Profile
+    device: torch.device
+    threads: int
+    seed: int
+    allocator: str
+
+
+def resolve(
+    profile: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    seed: int | None = None,
+) -> Run:
+    """Resolve, once, where and how a run happens, and apply it to this process.
+
+    Called by the command line and by the setup cell at the top of each chapter; the
+    experiments receive the result and read no environment variables themselves. Each
+    argument left ``None`` comes from its environment variable (``LMPG_DEVICE``,
+    ``LMPG_PROFILE``, ``LMPG_THREADS``, ``LMPG_SEED``), else its default: CUDA when
+    present, the profile that device implies, every core, seed 0. The threads are set
+    and the allocator is tuned (:func:`tune_allocator`). Bad values raise ``ValueError``.
+    """
+    resolved_device = get_device(device)
+    resolved_profile = get_profile(profile, resolved_device)
+    if seed is None:
+        text = os.environ.get("LMPG_SEED", "0")
+        try:
+            seed = int(text)
+        except ValueError:
+            raise ValueError(f"LMPG_SEED must be an integer, got {text!r}") from None
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    resolved_threads = set_threads(threads)
+    return Run(
+        resolved_profile, resolved_device, resolved_threads, seed, tune_allocator()
+    )
+
+
+def describe(run: Run | None = None) -> dict[str, object]:
+    """A short summary of the runtime, printed at the top of each chapter: of ``run``
+    when given (what :func:`resolve` returned), else of the defaults."""
+    device = run.device if run is not None else get_device()
     return {
         "device": str(device),
-        "profile": get_profile(device=device),
+        "profile": run.profile if run is not None else get_profile(device=device),
+        "seed": run.seed if run is not None else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": _allocator,
-        "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

@@ -11,11 +11,32 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import torch
+from torch import Tensor
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
 WORD_SPECIALS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> Tensor:
+    """Right-pad lists of token ids into a ``(batch, longest)`` long tensor.
+
+    The one padding helper of the package. An empty batch or an empty sequence is an
+    error: a model cannot read a row with no tokens, and silently padding it would hide
+    a bug upstream.
+    """
+    if not sequences:
+        raise ValueError("cannot pad an empty batch")
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot pad an empty sequence")
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+    return out
 
 
 def word_tokenize(text: str, lowercase: bool = True) -> list[str]:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .tokenization import pad_batch
+
 
 def bucketed_batches(
     sequences: list[list[int]], batch_size: int, pad_id: int, generator: torch.Generator
@@ -42,15 +44,7 @@ def bucketed_batches(
                 block[i : i + batch_size] for i in range(0, len(block), batch_size)
             ]
             for b in torch.randperm(len(batches), generator=generator).tolist():
-                rows = [sequences[i] for i in batches[b]]
-                out = torch.full(
-                    (len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long
-                )
-                for row, sequence in enumerate(rows):
-                    out[row, : len(sequence)] = torch.as_tensor(
-                        sequence, dtype=torch.long
-                    )
-                yield out
+                yield pad_batch([sequences[i] for i in batches[b]], pad_id)
 
 
 DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
@@ -136,7 +130,7 @@ def make_optimizer(
     """AdamW with weight decay on matrices only (not on biases, norms or embeddings' 1-d params)."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    params = [p for p in model.parameters() if p.requires_grad]  # shared ones once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW(

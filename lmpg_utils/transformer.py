@@ -61,6 +61,34 @@ class TransformerConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """The sizes of a Transformer without its vocabulary, which comes from the data.
+
+    An experiment's ``Config`` nests one of these (``config.model``) instead of copying
+    the fields; :meth:`with_vocab` makes the :class:`TransformerConfig` a model is built
+    from. The same checks as :class:`TransformerConfig` run on creation.
+    """
+
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    d_ff: int = 512
+    max_len: int = 256
+    dropout: float = 0.1
+    positional: str = "learned"
+    num_decoder_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        self.with_vocab(1)
+
+    def with_vocab(self, vocab_size: int, num_segments: int = 0) -> TransformerConfig:
+        """The full model config for a vocabulary of ``vocab_size`` tokens."""
+        return TransformerConfig(
+            vocab_size=vocab_size, num_segments=num_segments, **asdict(self)
+        )
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """Fixed encodings PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)."""
 
@@ -228,6 +256,22 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
 
+def block_stack(
+    config: TransformerConfig, layers: int, cross_attention: bool = False
+) -> nn.ModuleList:
+    """``layers`` Transformer blocks of ``config``'s sizes (the body of every model here)."""
+    return nn.ModuleList(
+        TransformerBlock(
+            config.d_model,
+            config.num_heads,
+            config.d_ff,
+            config.dropout,
+            cross_attention=cross_attention,
+        )
+        for _ in range(layers)
+    )
+
+
 class TransformerEncoder(nn.Module):
     """Bidirectional encoder: embeddings, ``num_layers`` blocks, final LayerNorm. Returns hidden states."""
 
@@ -235,12 +279,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                config.d_model, config.num_heads, config.d_ff, config.dropout
-            )
-            for _ in range(config.num_layers)
-        )
+        self.blocks = block_stack(config, config.num_layers)
         self.norm = nn.LayerNorm(config.d_model)
 
     def forward(
@@ -263,12 +302,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                config.d_model, config.num_heads, config.d_ff, config.dropout
-            )
-            for _ in range(config.num_layers)
-        )
+        self.blocks = block_stack(config, config.num_layers)
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embeddings.token.weight
@@ -315,16 +349,7 @@ class EncoderDecoder(nn.Module):
             self.encoder.embeddings.token
         )  # shared vocabulary, shared table
         layers = config.num_decoder_layers or config.num_layers
-        self.decoder_blocks = nn.ModuleList(
-            TransformerBlock(
-                config.d_model,
-                config.num_heads,
-                config.d_ff,
-                config.dropout,
-                cross_attention=True,
-            )
-            for _ in range(layers)
-        )
+        self.decoder_blocks = block_stack(config, layers, cross_attention=True)
         self.decoder_norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.encoder.embeddings.token.weight
@@ -385,5 +410,6 @@ def count_parameters(model: nn.Module) -> int:
     """Number of distinct trainable parameters (tied weights counted once)."""
     return sum(
         p.numel()
-        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()
+        for p in model.parameters()  # a tied weight is listed once
+        if p.requires_grad
     )

@@ -1,102 +1,62 @@
-"""Translation with the encoder-decoder: data preparation and the MLE recipe.
+"""Chapter 4's task: translating Spanish Bible verses into English with an encoder-decoder.
 
-* :func:`frequent_word_subset` picks the easier pairs (short, only frequent words) that
-  a CPU-sized model can learn in minutes.
+The data are the verse-aligned Reina-Valera 1909 (Spanish) and World English Bible,
+aligned by book, chapter and verse (:func:`corpora.load_verse_pairs`) and split by
+chapter exactly like chapters 1-3 (:func:`load_pairs`).
+
 * :func:`train_tokenizer` learns one BPE vocabulary for both languages (the model
   shares its embedding table between the two sides).
 * :class:`EncodedPairs` holds token ids; :meth:`EncodedPairs.batches` yields shuffled
   padded batches of a number of pairs forever, :meth:`EncodedPairs.token_batches`
   batches of about a number of target tokens.
 * :func:`mle_loss` is maximum likelihood with teacher forcing and label smoothing.
-* :func:`translate_texts` decodes a list of German sentences into English strings.
-
-This module takes plain (source, reference) strings; loading the corpus is the
-caller's job (models never import data loading).
+* :class:`StartConfig` defines the MLE start; :func:`prepare` trains it once per config,
+  seed and code version (:func:`train_start`), caches it under
+  :meth:`StartConfig.key`, and returns a :class:`Setup`: the data, the tokenizer, the
+  start, a weak early snapshot (for the reward-hacking section), and the device every
+  model, batch and reward lives on.
+* Evaluation: :func:`evaluate` (greedy translations scored with corpus BLEU and chrF),
+  :func:`expected_reward` (the objective policy gradient maximizes, on held-out
+  verses), :func:`teacher_forced_stats` and :func:`position_accuracy` (exposure bias).
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+import dataclasses
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import caching, corpora, runtime
 from .generation import translate
-from .tokenization import BPETokenizer
-from .transformer import EncoderDecoder
+from .metrics import corpus_bleu, corpus_chrf, sentence_rewards
+from .policy_gradient import Decoding, Rollout, StepTimes, rollout
+from .tokenization import BPETokenizer, pad_batch
+from .training import autocast_dtype, average_states, save_checkpoint, train
+from .transformer import EncoderDecoder, ModelSizes
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def frequent_word_subset(
-    pairs: Sequence[tuple[str, str]],
-    reference_pairs: Sequence[tuple[str, str]],
-    max_words: int,
-    top_words: int,
-) -> list[int]:
-    """Indices of ``pairs`` with at most ``max_words`` words a side, all among the ``top_words``
-    most frequent words (per language) of ``reference_pairs`` (the training split)."""
-    if max_words < 1 or top_words < 1:
-        raise ValueError(
-            f"max_words and top_words must be positive, got {max_words}, {top_words}"
-        )
-    keep_de = {
-        w
-        for w, _ in Counter(
-            w for de, _ in reference_pairs for w in _words(de)
-        ).most_common(top_words)
-    }
-    keep_en = {
-        w
-        for w, _ in Counter(
-            w for _, en in reference_pairs for w in _words(en)
-        ).most_common(top_words)
-    }
-    chosen = []
-    for i, (de, en) in enumerate(pairs):
-        if len(de.split()) > max_words or len(en.split()) > max_words:
-            continue
-        if all(w in keep_de for w in _words(de)) and all(
-            w in keep_en for w in _words(en)
-        ):
-            chosen.append(i)
-    return chosen
+#: the corpus the MLE start is trained on (part of its cache key)
+CORPUS = "rv1909-web"
 
 
 def train_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int) -> BPETokenizer:
-    """One BPE vocabulary learned from both sides of ``pairs`` (German and English)."""
+    """One BPE vocabulary learned from both sides of ``pairs`` (Spanish and English)."""
     if not pairs:
         raise ValueError("cannot train a tokenizer on no pairs")
-    texts = [de for de, _ in pairs] + [en for _, en in pairs]
+    texts = [es for es, _ in pairs] + [en for _, en in pairs]
     return BPETokenizer.train(
         texts, vocab_size, specials=("<pad>", "<unk>", "<s>", "</s>")
     )
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> Tensor:
-    """Right-pad integer sequences into a (batch, max length) tensor."""
-    if not sequences:
-        raise ValueError("cannot pad an empty list of sequences")
-    if any(len(s) == 0 for s in sequences):
-        raise ValueError("cannot batch an empty sequence")
-    width = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return out
-
-
 @dataclass
 class EncodedPairs:
-    """Sources (German ids, no BOS/EOS), targets (English ids framed by BOS ... EOS) and raw texts."""
+    """Sources (Spanish ids, no BOS/EOS), targets (English ids framed by BOS ... EOS) and raw texts."""
 
     sources: list[list[int]]
     targets: list[list[int]]
@@ -117,11 +77,11 @@ class EncodedPairs:
         if not pairs:
             raise ValueError("no pairs to encode")
         empty = [
-            i for i, (de, en) in enumerate(pairs) if not de.strip() or not en.strip()
+            i for i, (es, en) in enumerate(pairs) if not es.strip() or not en.strip()
         ]
         if empty:
             raise ValueError(f"pairs {empty[:5]} have an empty source or reference")
-        src = tokenizer.encode_batch([de for de, _ in pairs])
+        src = tokenizer.encode_batch([es for es, _ in pairs])
         tgt = tokenizer.encode_batch(
             [en for _, en in pairs], add_bos=True, add_eos=True
         )
@@ -271,7 +231,7 @@ def translate_texts(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> list[str]:
-    """Decode encoded German ``sources`` to English strings (greedy unless ``temperature`` > 0)."""
+    """Decode encoded Spanish ``sources`` to English strings (greedy unless ``temperature`` > 0)."""
     if len(sources) == 0:
         raise ValueError("no sources to translate")
     outputs: list[str] = []
@@ -292,3 +252,468 @@ def translate_texts(
         )
         outputs.extend(tokenizer.decode(row) for row in tokens.tolist())
     return outputs
+
+
+# --------------------------------------------------------------------------------------
+# The MLE start
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartConfig:
+    """Everything that defines (and keys) the cached MLE start.
+
+    Verses of at most ``train_words`` words a side for training and ``eval_words`` for
+    validation and test; pairs longer than ``max_tokens`` BPE tokens a side are dropped.
+    The model (``model``) has ``max_tokens + 2`` positions in both profiles. Training: ``mle_steps``
+    updates of about ``mle_batch_tokens`` target tokens, peak rate ``mle_lr`` after
+    ``mle_warmup`` steps of warm-up, then linear decay to zero; ``average_last``
+    snapshots averaged; ``weak_step`` is the step of the weak early snapshot that the
+    reward-hacking section starts from; ``seed`` seeds the training.
+    """
+
+    train_words: int
+    eval_words: int
+    vocab_size: int
+    model: ModelSizes
+    max_tokens: int
+    mle_steps: int
+    mle_batch_tokens: int
+    mle_lr: float
+    mle_warmup: int
+    mle_precision: str
+    average_last: int
+    label_smoothing: float
+    weak_step: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name in (
+            "train_words",
+            "eval_words",
+            "mle_steps",
+            "mle_batch_tokens",
+            "average_last",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.weak_step < self.mle_steps:
+            raise ValueError(
+                f"weak_step must lie in (0, mle_steps), got {self.weak_step}"
+            )
+        if self.model.max_len < self.max_tokens:
+            raise ValueError(
+                f"model.max_len ({self.model.max_len}) must hold the longest pair "
+                f"(max_tokens={self.max_tokens})"
+            )
+        if self.mle_batch_tokens < self.max_tokens:
+            raise ValueError(
+                "batch token budgets must hold the longest pair "
+                f"({self.max_tokens} tokens)"
+            )
+        autocast_dtype(self.mle_precision, "cpu")  # names an unknown precision
+
+    def key(self) -> dict[str, Any]:
+        """The cache key of the start: these settings, the corpus, the seed, torch and
+        the code. Model sizes are flattened; ``max_len``, ``positional`` and
+        ``num_decoder_layers`` enter only when they differ from what the key first
+        implied (``max_tokens + 2``, learned positions, as many decoder layers as
+        encoder layers), so the keys of the starts trained then still hold."""
+        sizes = self.model
+        config: dict[str, Any] = {
+            "train_words": self.train_words,
+            "eval_words": self.eval_words,
+            "vocab_size": self.vocab_size,
+            "d_model": sizes.d_model,
+            "num_heads": sizes.num_heads,
+            "num_layers": sizes.num_layers,
+            "d_ff": sizes.d_ff,
+            "dropout": sizes.dropout,
+            "max_tokens": self.max_tokens,
+            "mle_steps": self.mle_steps,
+            "mle_batch_tokens": self.mle_batch_tokens,
+            "mle_lr": self.mle_lr,
+            "mle_warmup": self.mle_warmup,
+            "mle_precision": self.mle_precision,
+            "average_last": self.average_last,
+            "label_smoothing": self.label_smoothing,
+            "weak_step": self.weak_step,
+            "corpus_parser": corpora.PARSER_VERSION,
+            "corpus": CORPUS,
+        }
+        if sizes.max_len != self.max_tokens + 2:
+            config["max_len"] = sizes.max_len
+        if sizes.positional != "learned":
+            config["positional"] = sizes.positional
+        if sizes.num_decoder_layers is not None:
+            config["num_decoder_layers"] = sizes.num_decoder_layers
+        return caching.artifact_key("ch4-mle-start", config, self.seed)
+
+
+class TaskConfig(Protocol):
+    """What the translation task reads from an experiment's (frozen dataclass) config:
+    the start it builds on, the longest translation it decodes (``max_len``), the
+    reward (``reward``: ``bleu`` or ``chrf``, with ``length_penalty``), and how the
+    expected reward is estimated (``reward_samples`` samples of each of the first
+    ``valid_sources`` validation sources)."""
+
+    @property
+    def start(self) -> StartConfig: ...
+
+    max_len: int
+    reward: str
+    length_penalty: float
+    valid_sources: int
+    reward_samples: int
+
+
+def load_pairs(start: StartConfig) -> dict[str, list[tuple[str, str]]]:
+    """(Spanish, English) verse pairs per split: training verses of at most ``train_words``
+    words a side, validation and test verses of at most ``eval_words``."""
+    return {
+        split: [(p.es, p.en) for p in corpora.load_verse_pairs(split, words)]
+        for split, words in (
+            ("train", start.train_words),
+            ("valid", start.eval_words),
+            ("test", start.eval_words),
+        )
+    }
+
+
+def translator(
+    start: StartConfig, vocab_size: int, state: dict | None = None
+) -> EncoderDecoder:
+    """The start's encoder-decoder for a vocabulary of ``vocab_size`` tokens, on the
+    CPU, freshly initialized or holding ``state``."""
+    model = EncoderDecoder(start.model.with_vocab(vocab_size))
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def train_start(
+    start: StartConfig,
+    tokenizer: BPETokenizer,
+    data: EncodedPairs,
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[dict, dict, dict]:
+    """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
+    autocast where asked, and the average of ``average_last`` snapshots taken evenly over
+    the last fifth of training (1: the final weights; averaging five cost about one BLEU
+    point in calibration, since the rate already decays to zero). The weak snapshot is
+    taken after update ``weak_step``. Returns (start state, weak snapshot, history)."""
+    generator = runtime.set_seed(start.seed)
+    model = translator(start, len(tokenizer)).to(device)
+    last = start.mle_steps
+    spacing = max(1, start.mle_steps // (5 * start.average_last))
+    keep_at = {last - i * spacing for i in range(start.average_last)}
+    snapshots: dict[int, dict] = {}
+
+    def on_step(step: int, m: torch.nn.Module) -> None:
+        if step == start.weak_step or step in keep_at:
+            snapshots[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    history = train(
+        model,
+        data.token_batches(start.mle_batch_tokens, generator),
+        lambda m, b: mle_loss(
+            m,
+            b[0].to(device),
+            b[1].to(device),
+            tokenizer.pad_id,
+            start.label_smoothing,
+        ),
+        max_steps=start.mle_steps,
+        lr=start.mle_lr,
+        warmup_steps=start.mle_warmup,
+        decay="linear",
+        precision=start.mle_precision,
+        on_step=on_step,
+        progress=progress,
+        description="MLE start",
+    )
+    averaged = average_states([snapshots[s] for s in sorted(keep_at)])
+    record = {
+        "steps": history.steps,
+        "losses": history.losses,
+        "tokens_per_second": history.items_per_second,
+        "seconds": history.seconds,
+        "averaged_steps": sorted(keep_at),
+    }
+    return averaged, snapshots[start.weak_step], record
+
+
+@dataclass
+class Setup:
+    """The translation task ready to fine-tune: the config it was prepared under,
+    tokenizer, encoded splits, the MLE start's weights and how long it took to get
+    them, the weak snapshot, and the device every model, batch and reward lives on."""
+
+    config: TaskConfig
+    tokenizer: BPETokenizer
+    train: EncodedPairs
+    valid: EncodedPairs
+    test: EncodedPairs
+    start_state: dict
+    weak_state: dict
+    mle_seconds: float
+    mle_history: dict
+    cached: bool
+    device: torch.device
+    _start_rewards: dict = field(default_factory=dict, repr=False)
+
+    def split(self, name: str) -> EncodedPairs:
+        """The encoded pairs of split ``name`` (``train``, ``valid`` or ``test``)."""
+        return {"train": self.train, "valid": self.valid, "test": self.test}[
+            corpora.check_split(name)
+        ]
+
+    def start_reward(self, state: dict | None = None) -> float:
+        """:func:`expected_reward` of the MLE start (``state`` None) or of the weak snapshot,
+        computed once: every fine-tuning run from that state begins at this value, since
+        the validation rollout uses a fixed sampling seed."""
+        name = (
+            "start" if state is None else "weak" if state is self.weak_state else None
+        )
+        if name is None:  # any other state: not kept
+            return expected_reward(self.new_model(state), self)
+        if name not in self._start_rewards:
+            self._start_rewards[name] = expected_reward(self.new_model(state), self)
+        return self._start_rewards[name]
+
+    def with_config(self, **changes: Any) -> Setup:
+        """The same data and start under a config with other fine-tuning settings (for
+        example ``length_penalty=0.0``); the start rewards are computed afresh for it."""
+        config = dataclasses.replace(self.config, **changes)
+        clash = sorted(
+            name
+            for name in changes
+            if dataclasses.replace(self.config, **{name: changes[name]}).start
+            != self.config.start
+        )
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} define the cached start; change them in the "
+                "config and prepare again"
+            )
+        return dataclasses.replace(self, config=config, _start_rewards={})
+
+    def new_model(self, state: dict | None = None) -> EncoderDecoder:
+        """A translator holding the start's weights (or ``state``), on the device, in
+        eval mode."""
+        start = self.start_state if state is None else state
+        model = translator(self.config.start, len(self.tokenizer), start)
+        return model.to(self.device).eval()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """English text of target token ids."""
+        return self.tokenizer.decode(ids)
+
+    def reward_fn(
+        self,
+        sources: Sequence[str],
+        hypotheses: Sequence[str],
+        references: Sequence[str],
+    ) -> list[float]:
+        """The config's sentence reward of each hypothesis against its reference (the
+        sources are not read: this reward compares with the reference only)."""
+        return sentence_rewards(
+            hypotheses, references, self.config.reward, self.config.length_penalty
+        )
+
+    def decoding(self, samples: int, greedy_baseline: bool = False) -> Decoding:
+        """Sampling ``samples`` translations per source of up to ``max_len`` tokens."""
+        tok = self.tokenizer
+        return Decoding(
+            samples,
+            self.config.max_len,
+            tok.bos_id,
+            tok.eos_id,
+            tok.pad_id,
+            greedy_baseline,
+        )
+
+    def rollout(
+        self,
+        model: EncoderDecoder,
+        pairs: EncodedPairs,
+        decoding: Decoding,
+        generator: torch.Generator | None = None,
+        times: StepTimes | None = None,
+    ) -> Rollout:
+        """:func:`policy_gradient.rollout` of ``pairs`` (sources padded onto the device),
+        scored with :meth:`reward_fn`."""
+        src = pad_batch(pairs.sources, self.tokenizer.pad_id).to(self.device)
+        return rollout(
+            model,
+            src,
+            pairs.source_texts,
+            pairs.reference_texts,
+            decoding,
+            self.decode,
+            self.reward_fn,
+            generator=generator,
+            times=times,
+        )
+
+
+def prepare(
+    config: TaskConfig, *, device: str | torch.device, progress: bool = False
+) -> Setup:
+    """Data, tokenizer and MLE start of ``config.start`` (loaded from the cache, else
+    trained and saved), on ``device``."""
+    device = torch.device(device)
+    start = config.start
+    splits = load_pairs(start)
+    key = start.key()
+    path = caching.artifact_path(key)
+    weak_path = path.with_name(path.stem + "-weak.pt")
+    with caching.exclusive(path):
+        data = caching.load_current(path, key)
+        weak = caching.load_current(weak_path, key) if data is not None else None
+        cached = data is not None and weak is not None
+        if cached:
+            tokenizer = BPETokenizer.from_str(data["extra"]["tokenizer"])
+            start_state, weak_state = data["state_dict"], weak["state_dict"]
+            history = json.loads(data["extra"]["history"])
+        else:
+            tokenizer = train_tokenizer(splits["train"], start.vocab_size)
+        encoded = {
+            s: EncodedPairs.build(tokenizer, p, max_tokens=start.max_tokens)
+            for s, p in splits.items()
+        }
+        if not cached:
+            start_state, weak_state, history = train_start(
+                start, tokenizer, encoded["train"], device, progress
+            )
+            extra = {"tokenizer": tokenizer.to_str(), "history": json.dumps(history)}
+            metadata = dataclasses.asdict(start)
+            vocab = len(tokenizer)
+            save_checkpoint(
+                weak_path,
+                translator(start, vocab, weak_state),
+                metadata,
+                caching.tag({}, key),
+            )
+            save_checkpoint(
+                path,
+                translator(start, vocab, start_state),
+                metadata,
+                caching.tag(extra, key),
+            )
+    return Setup(
+        config,
+        tokenizer,
+        encoded["train"],
+        encoded["valid"],
+        encoded["test"],
+        start_state,
+        weak_state,
+        float(history["seconds"]),
+        history,
+        cached,
+        device,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Corpus BLEU and chrF of greedy translations of a split, the length ratio
+    (hypothesis / reference, BLEU's tokens), sacrebleu's signatures and the texts."""
+
+    bleu: float
+    chrf: float
+    length_ratio: float
+    bleu_signature: str
+    chrf_signature: str
+    hypotheses: list[str]
+
+
+def evaluate(model: EncoderDecoder, setup: Setup, split: str = "test") -> Evaluation:
+    """Greedy translations of a split scored with corpus BLEU and chrF (sacrebleu)."""
+    data = setup.split(split)
+    hyps = translate_texts(
+        model, setup.tokenizer, data.sources, max_len=setup.config.max_len
+    )
+    bleu = corpus_bleu(hyps, data.reference_texts)
+    chrf = corpus_chrf(hyps, data.reference_texts)
+    return Evaluation(
+        bleu.score, chrf.score, bleu.length_ratio, bleu.signature, chrf.signature, hyps
+    )
+
+
+def validation_rewards(
+    model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234
+) -> Tensor:
+    """Rewards (sources, samples) of ``samples`` (default ``reward_samples``) sampled
+    translations of the first ``valid_sources`` validation sources, with a fixed
+    sampling seed."""
+    config = setup.config
+    data = setup.valid.subset(range(min(len(setup.valid), config.valid_sources)))
+    generator = torch.Generator().manual_seed(seed)
+    decoding = setup.decoding(samples or config.reward_samples)
+    return setup.rollout(model, data, decoding, generator).rewards
+
+
+def expected_reward(
+    model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234
+) -> float:
+    """The objective policy gradient maximizes, estimated on held-out data: the mean of
+    :func:`validation_rewards`."""
+    return float(validation_rewards(model, setup, samples, seed).mean())
+
+
+def expected_reward_se(
+    model: EncoderDecoder, setup: Setup, samples: int | None = None, seed: int = 1234
+) -> float:
+    """Standard error of :func:`expected_reward` (from the spread of per-source mean rewards)."""
+    per_source = validation_rewards(model, setup, samples, seed).mean(dim=1)
+    return float(per_source.std() / per_source.numel() ** 0.5)
+
+
+@torch.no_grad()
+def position_accuracy(
+    model: EncoderDecoder, setup: Setup, split: str = "valid", positions: int = 10
+) -> dict:
+    """Exposure bias, per target position (BPE tokens): teacher-forced accuracy (the model
+    sees the reference prefix) against free-running accuracy (greedy decoding from its own
+    prefix; a position counts as right when the greedy token equals the reference token
+    there). Returns arrays over positions 1..``positions`` and the mean teacher-forced
+    NLL/accuracy (:func:`teacher_forced_stats`)."""
+    data = setup.split(split)
+    tok = setup.tokenizer
+    model.eval()
+    tf_right = torch.zeros(positions)
+    free_right = torch.zeros(positions)
+    counts = torch.zeros(positions)
+    for first in range(0, len(data), 128):
+        src, tgt, _ = data.batch(range(first, min(len(data), first + 128)))
+        src, tgt = src.to(setup.device), tgt.to(setup.device)
+        gold = tgt[:, 1:]
+        tf = model(src, tgt[:, :-1], pad_id=tok.pad_id).argmax(-1)
+        free = translate(
+            model, src, tok.bos_id, tok.eos_id, tok.pad_id, setup.config.max_len
+        )[:, 1:]
+        width = min(positions, gold.shape[1])
+        if free.shape[1] < width:
+            free = F.pad(free, (0, width - free.shape[1]), value=tok.pad_id)
+        mask = (gold[:, :width] != tok.pad_id).float()
+        tf_hits = (tf[:, :width] == gold[:, :width]).float() * mask
+        free_hits = (free[:, :width] == gold[:, :width]).float() * mask
+        tf_right[:width] += tf_hits.sum(0).to(tf_right.device)
+        free_right[:width] += free_hits.sum(0).to(free_right.device)
+        counts[:width] += mask.sum(0).to(counts.device)
+    counts = counts.clamp_min(1)
+    stats = teacher_forced_stats(model, data)
+    return {
+        "teacher_forced": (tf_right / counts).tolist(),
+        "free_running": (free_right / counts).tolist(),
+        "token_accuracy": stats["token_accuracy"],
+        "nll": stats["nll"],
+    }

@@ -1,4 +1,5 @@
-"""Unit tests for lmpg_utils.bert: masking statistics, NSP pairs, pair encoding, the model's heads."""
+"""Unit tests for lmpg_utils.bert: masking statistics, NSP pairs, pair encoding and
+batching, the model's heads, the loops, and the book-group task."""
 
 from __future__ import annotations
 
@@ -313,36 +314,83 @@ def test_mlm_accuracy_by_kind_of_position_adds_up():
     assert all(0 <= scores[f"mlm_baseline_{k}"] <= 1 for k in bert.MLM_KINDS)
 
 
-def test_run_bert_trains_once_then_loads_the_same_model(tmp_path, monkeypatch):
-    import dataclasses
-    import shutil
+def test_pretraining_pairs_fill_the_count_in_rounds_with_fresh_negatives():
+    verses = _verses()
+    one_round = len(bert.make_nsp_pairs(verses, "random", seed=3))
+    pairs = bert.pretraining_pairs(verses, 2 * one_round + 5, seed=3)
+    assert len(pairs) == 2 * one_round + 5
+    assert pairs[:one_round] == bert.make_nsp_pairs(verses, "random", seed=3)
+    second = bert.make_nsp_pairs(verses, "random", seed=3 + bert.ROUND_SEED_STEP)
+    assert pairs[one_round : 2 * one_round] == second != pairs[:one_round]
+    with pytest.raises(ValueError, match="count must be positive"):
+        bert.pretraining_pairs(verses, 0, seed=3)
 
-    from lmpg_utils import caching, corpora
-    from lmpg_utils.experiments import bert as experiment
 
-    corpora.load_bible_verses()  # parsed into the normal cache, then copied: no model is copied
-    for parsed in caching.cache_dir().glob("*.json"):
-        shutil.copy(parsed, tmp_path)
-    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    tiny = dataclasses.replace(
-        experiment.CONFIGS["quick"],
-        pretrain_steps=6,
-        pretrain_pairs=200,
-        eval_pairs=60,
-        finetune_steps=2,
-        label_counts=(8,),
-        test_per_class=5,
+def _ragged_batch(rows: int = 10) -> bert.EncodedBatch:
+    a = [[10 + i] * (1 + i % 4) for i in range(rows)]
+    return bert.encode_pairs(a, [[20]] * rows, SPECIAL, max_len=16, labels=[1] * rows)
+
+
+def test_batches_are_trimmed_and_cover_the_data():
+    data = _ragged_batch()
+    assert data.ids.shape[1] == 8  # [CLS] + 4 + [SEP] + 1 + [SEP]
+    short = data.select([0, 4]).trimmed()  # one A token each: 5 columns
+    assert short.ids.shape[1] == 5 and not short.padding_mask.any()
+    chunks = list(data.in_order(4))
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert torch.equal(chunks[2].ids, data.ids[8:, : chunks[2].ids.shape[1]])
+    shuffled = bert.shuffled_batches(data, 3, torch.Generator().manual_seed(0))
+    first_pass = [next(shuffled) for _ in range(3)]  # 10 rows: 3 batches, 1 row left
+    firsts = sorted(int(b.ids[i, 1]) for b in first_pass for i in range(len(b)))
+    assert len(set(firsts)) == 9 and set(firsts) <= {10 + i for i in range(10)}
+    with pytest.raises(ValueError, match="batch_size must be in 1..10"):
+        bert.shuffled_batches(data, 11, torch.Generator())
+
+
+def test_book_groups_split_is_balanced_and_prefixes_nest():
+    assert bert.book_group_of("Genesis") == 0 and bert.book_group_of("Psalms") == 1
+    assert bert.book_group_of("Tobit") is None  # deuterocanon: in no group
+    groups = [books[0] for books in bert.BOOK_GROUPS.values()]
+    verses = [
+        FakeVerse(book, 1, n, f"{book} verse {n}", i)
+        for i, (book, n) in enumerate(
+            (b, n) for b in [*groups, "Tobit"] for n in range(6)
+        )
+    ]
+    texts, labels = bert.classification_split(verses, 4, seed=0)
+    assert sorted(labels) == sorted(list(range(len(groups))) * 4)
+    assert all(
+        text.split()[0] == groups[label]
+        for text, label in zip(texts, labels, strict=True)
     )
-    monkeypatch.setitem(experiment.CONFIGS, "quick", tiny)
-    tokenizer = experiment.train_tokenizer("quick")
-    first = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
-    second = experiment.run_bert("quick", seed=0, progress=False, tokenizer=tokenizer)
-    assert not first.pretrain_cached and second.pretrain_cached
-    assert (
-        second.history.nsp_losses == first.history.nsp_losses
-        and len(second.history.steps) == 6
+    assert (texts, labels) == bert.classification_split(verses, 4, seed=0)
+    small, large = bert.balanced_prefix(labels, 1), bert.balanced_prefix(labels, 3)
+    assert sorted(labels[i] for i in small) == list(range(len(groups)))
+    assert set(small) < set(large) and len(large) == 3 * len(groups)
+    with pytest.raises(ValueError, match="only 6 verses for class 0"):
+        bert.classification_split(verses, 7, seed=0)
+
+
+def test_book_group_classifier_starts_from_the_given_weights():
+    model = _tiny_model()
+    labelled = bert.encode_single(
+        [[10 + i, 30 + i] for i in range(8)],
+        SPECIAL,
+        max_len=16,
+        labels=[0, 1, 2, 3] * 2,
     )
-    assert (
-        second.mlm_accuracy == first.mlm_accuracy
-        and second.nsp_accuracy == first.nsp_accuracy
+    kwargs = dict(
+        steps=1, batch_size=8, lr=1e-9, init_seed=1, batch_seed=2, device="cpu"
     )
+    pretrained = bert.train_book_group_classifier(
+        model.config, labelled, model.state_dict(), **kwargs
+    )
+    scratch = bert.train_book_group_classifier(model.config, labelled, None, **kwargs)
+    token = "encoder.embeddings.token.weight"
+    assert torch.allclose(
+        pretrained.bert.state_dict()[token], model.state_dict()[token]
+    )
+    assert not torch.allclose(
+        scratch.bert.state_dict()[token], model.state_dict()[token]
+    )
+    assert pretrained.head.out_features == len(bert.BOOK_GROUPS)

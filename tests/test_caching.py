@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmpg_utils import caching
-from lmpg_utils.experiments.policy_gradient import PGConfig
+from lmpg_utils.experiments.ch4_policy_gradient import Config
 from lmpg_utils.training import save_checkpoint
 
 
@@ -62,13 +62,13 @@ def test_artifact_key_depends_on_code_config_seed_and_torch(package_copy):
 
 
 def test_trained_artifacts_are_keyed_by_this_code():
-    key = PGConfig().start_key()
+    key = Config().start_key()
     assert key["code"] == caching.source_hash() and key["torch"] == torch.__version__
-    assert key["seed"] == PGConfig().start_seed
+    assert key["seed"] == Config().start_seed
     assert (
-        PGConfig(pg_lr=0.5).start_key() == key
+        Config(pg_lr=0.5).start_key() == key
     )  # fine-tuning settings do not retrain the start
-    assert PGConfig(d_model=64).start_key() != key
+    assert Config(start_seed=1).start_key() != key
 
 
 def test_load_current_never_loads_a_file_made_under_another_key(tmp_path, monkeypatch):

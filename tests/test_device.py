@@ -29,24 +29,22 @@ def test_the_pattern_catches_what_it_must():
     assert not PINNED.search("device = runtime.get_device()")
 
 
-def test_chapter_1_runs_on_the_requested_device():
-    from lmpg_utils.experiments.language_models import (
-        LanguageModelConfig,
-        run_language_models,
-    )
+def test_chapter_1_runs_on_the_requested_device(tmp_path, monkeypatch):
+    import shutil
 
-    tiny = LanguageModelConfig(
-        vocab_size=500,
-        ngram_orders=(2,),
-        d_embed=16,
-        d_hidden=16,
-        lstm_steps=3,
-        cloze_steps=2,
-        batch_size=8,
-    )
-    result = run_language_models(
-        config=tiny, use_cache=False, progress=False, device="cpu"
-    )
+    from lmpg_utils import caching, configs, corpora
+    from lmpg_utils.experiments import ch1_language_models as ch1
+
+    corpora.load_bible_verses()  # parsed into the normal cache, then copied: no model
+    for parsed in caching.cache_dir().glob("*.json"):
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    tiny = configs.apply_overrides(
+        ch1.PROFILES["quick"],
+        ["vocab_size=500", "ngram_orders=2", "model.d_embed=16", "model.d_hidden=16",
+         "lstm_steps=3", "cloze_steps=2", "batch_size=8"],
+    )  # fmt: skip
+    result = ch1.run(tiny, seed=0, device="cpu", progress=False)
     assert result.summary()["device"] == "cpu"
     assert next(result.lstm.parameters()).device == torch.device("cpu")
     assert result.test_perplexity["lstm"] > 1.0

@@ -174,6 +174,32 @@ def test_translate_pads_after_eos_and_scores_consistently():
     assert logp.requires_grad
 
 
+def test_per_token_log_probs_and_sampling_time_log_probs_agree():
+    model = _seq2seq()
+    with torch.no_grad():
+        model.head.weight[EOS] += 0.15
+    src = torch.randint(4, 30, (5, 4))
+    generator = torch.Generator().manual_seed(4)
+    sampled, at_sampling = translate(
+        model, src, BOS, EOS, PAD, 10, 1.0, generator=generator, return_log_probs=True
+    )
+    again = translate(
+        model, src, BOS, EOS, PAD, 10, 1.0, generator=torch.Generator().manual_seed(4)
+    )
+    assert torch.equal(sampled, again)  # asking for log-probs changes no draw
+    sums, counts = sequence_log_probs(model, src, sampled, EOS, PAD)
+    terms, mask = sequence_log_probs(model, src, sampled, EOS, PAD, per_token=True)
+    assert terms.shape == mask.shape == at_sampling.shape == (5, sampled.shape[1] - 1)
+    assert torch.equal(mask, target_mask(sampled, EOS, PAD))
+    assert torch.equal(mask.sum(1), counts) and torch.allclose(terms.sum(1), sums)
+    assert torch.all(terms[~mask] == 0) and torch.all(at_sampling[~mask] == 0)
+    # the decoder's own log-probs are the teacher-forced ones (no dropout)
+    assert torch.allclose(at_sampling, terms.detach(), atol=1e-5)
+    assert bool((at_sampling[mask] < 0).all())
+    with pytest.raises(ValueError, match="max_len"):
+        translate(model, src, BOS, EOS, PAD, 0)
+
+
 def test_sampling_and_scoring_use_the_same_policy():
     """The first sampled token's frequencies match exp(sequence_log_probs), even when the raw
     model puts most of its mass on PAD and BOS (which the policy forbids)."""

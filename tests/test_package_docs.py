@@ -12,6 +12,13 @@ README = (PACKAGE.parent / "README.md").read_text()
 
 def test_package_docstring_lists_every_module():
     modules = [p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("__")]
+    modules += [  # subpackages, and the modules inside them as ``package.module``
+        name
+        for package in PACKAGE.iterdir()
+        if (package / "__init__.py").is_file() and package.name != "experiments"
+        for name in [package.name]
+        + [f"{package.name}.{p.stem}" for p in package.glob("[!_]*.py")]
+    ]
     missing = [
         m for m in modules + ["experiments"] if f"``{m}``" not in lmpg_utils.__doc__
     ]

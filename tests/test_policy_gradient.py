@@ -1,4 +1,5 @@
-"""REINFORCE estimators: baselines, surrogate loss, bad input, and unbiasedness on an enumerable policy."""
+"""Policy gradient parts: estimators, losses (REINFORCE, clipped ratio, KL), bad input,
+and unbiasedness on an enumerable policy."""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from lmpg_utils.policy_gradient import (
     ESTIMATORS,
     MovingAverage,
     TabularSequencePolicy,
-    baseline,
-    check_estimator,
+    clipped_ratio_loss,
+    kl_penalty,
     leave_one_out_baseline,
     reinforce_loss,
 )
@@ -25,48 +26,51 @@ def test_leave_one_out_values_and_k_check():
 def test_baselines_per_estimator():
     rewards = torch.tensor([[0.2, 0.4], [0.6, 0.8]])
     greedy = torch.tensor([0.5, 0.1])
-    assert torch.equal(baseline("none", rewards), torch.zeros_like(rewards))
+    none, moving = ESTIMATORS["none"], ESTIMATORS["moving-average"]
+    critical, loo = ESTIMATORS["self-critical"], ESTIMATORS["leave-one-out"]
+    assert torch.equal(none.baseline(rewards), torch.zeros_like(rewards))
     assert torch.allclose(
-        baseline("self-critical", rewards, greedy),
-        torch.tensor([[0.5, 0.5], [0.1, 0.1]]),
+        critical.baseline(rewards, greedy), torch.tensor([[0.5, 0.5], [0.1, 0.1]])
     )
+    assert torch.equal(moving.baseline(rewards), torch.zeros_like(rewards))
     average = MovingAverage(beta=0.5)
-    assert torch.equal(
-        baseline("moving-average", rewards, moving_average=average),
-        torch.zeros_like(rewards),
-    )
     average.update(rewards)  # first value: the batch mean 0.5
     average.update(torch.full((2, 2), 1.0))  # 0.5 * 0.5 + 0.5 * 1.0
     assert average.value == pytest.approx(0.75)
     assert torch.allclose(
-        baseline("moving-average", rewards, moving_average=average),
-        torch.full((2, 2), 0.75),
+        moving.baseline(rewards, history=average.value), torch.full((2, 2), 0.75)
+    )
+    assert torch.allclose(
+        loo.advantages(rewards), rewards - torch.tensor([[0.4, 0.2], [0.8, 0.6]])
     )
     with pytest.raises(ValueError, match="greedy_rewards"):
-        baseline("self-critical", rewards)
-    with pytest.raises(ValueError, match="unknown estimator"):
-        check_estimator("ppo")
-    assert set(ESTIMATORS) == {
+        critical.baseline(rewards)
+    # each estimator declares what it needs; the registry is the one list of names
+    assert [e for e, x in ESTIMATORS.items() if x.needs_greedy] == ["self-critical"]
+    assert [e for e, x in ESTIMATORS.items() if x.needs_history] == ["moving-average"]
+    assert loo.min_samples == 2
+    assert all(name == e.name for name, e in ESTIMATORS.items())
+    assert list(ESTIMATORS) == [
         "none",
         "moving-average",
         "self-critical",
         "leave-one-out",
-    }
+    ]
 
 
 def test_nan_rewards_rejected():
     rewards = torch.tensor([[0.1, float("nan")]])
     with pytest.raises(ValueError, match="NaN"):
-        baseline("leave-one-out", rewards)
+        ESTIMATORS["leave-one-out"].baseline(rewards)
     with pytest.raises(ValueError, match="NaN"):
-        reinforce_loss(torch.zeros(1, 2), rewards, torch.zeros(1, 2))
+        reinforce_loss(torch.zeros(1, 2), rewards)
 
 
 def test_surrogate_gradient_and_equal_rewards():
     logits = torch.zeros(2, 3, requires_grad=True)
     logp = torch.log_softmax(logits, -1)[:, :2]  # pretend two samples per source
     rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
-    loss = reinforce_loss(logp, rewards, leave_one_out_baseline(rewards))
+    loss = reinforce_loss(logp, rewards - leave_one_out_baseline(rewards))
     loss.backward()
     # advantage (+1, -1) on source 0: the gradient raises sample 0 and lowers sample 1
     assert logits.grad[0, 0] < 0 < logits.grad[0, 1]
@@ -75,12 +79,12 @@ def test_surrogate_gradient_and_equal_rewards():
     logits.grad = None
     equal = torch.full((2, 2), 0.3)
     loss = reinforce_loss(
-        torch.log_softmax(logits, -1)[:, :2], equal, leave_one_out_baseline(equal)
+        torch.log_softmax(logits, -1)[:, :2], equal - leave_one_out_baseline(equal)
     )
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="shapes differ"):
-        reinforce_loss(torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(2, 3))
+        reinforce_loss(torch.zeros(2, 2), torch.zeros(2, 3))
 
 
 def _reward(seqs):
@@ -98,7 +102,7 @@ def test_toy_reinforce_is_unbiased(estimator):
         _reward,
         samples_per_estimate=8,
         estimates=4000,
-        estimator=estimator,
+        estimator=ESTIMATORS[estimator],
         generator=g,
     )
     mean = estimates.mean(0)
@@ -133,126 +137,67 @@ def test_baseline_lowers_toy_variance():
     def reward(s):
         return _reward(s) + 5.0  # a large constant offset is what a baseline removes
 
-    plain = policy.reinforce_estimates(reward, 8, 2000, "none", g).var(0).sum()
-    loo = policy.reinforce_estimates(reward, 8, 2000, "leave-one-out", g).var(0).sum()
-    assert float(loo) < 0.5 * float(plain)
-    with pytest.raises(ValueError):
-        policy.reinforce_estimates(reward, 8, 10, "self-critical", g)
+    plain = policy.reinforce_estimates(reward, 8, 2000, ESTIMATORS["none"], g)
+    loo = policy.reinforce_estimates(reward, 8, 2000, ESTIMATORS["leave-one-out"], g)
+    assert float(loo.var(0).sum()) < 0.5 * float(plain.var(0).sum())
+    for name in ("self-critical", "moving-average"):  # the toy has no greedy or history
+        with pytest.raises(ValueError, match="greedy decode or a training history"):
+            policy.reinforce_estimates(reward, 8, 10, ESTIMATORS[name], g)
 
 
-def test_experiment_config_and_bad_estimator():
-    from lmpg_utils.experiments.policy_gradient import (
-        QUICK,
-        PGConfig,
-        run_policy_gradient,
+def test_clipped_ratio_loss_has_no_gradient_outside_the_clip_region():
+    old = torch.zeros(1, 4)
+    # ratios exp(.) = 1.5, 0.5, 1.1, 0.9 on four tokens; clip 0.2: the first two are outside
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_(True)
+    mask = torch.tensor([[True, True, True, True]])
+    clipped_ratio_loss(new, old, torch.tensor([1.0]), mask, clip=0.2).backward()
+    grad = new.grad[0]
+    # positive advantage: a ratio above 1 + clip is clipped (no gradient); below 1 - clip
+    # the unclipped term is the smaller one, so its gradient remains
+    assert grad[0] == 0.0 and grad[1] != 0.0 and grad[2] != 0.0 and grad[3] != 0.0
+    # -d/dlogp (r A) / n_tokens = -r / 4 where unclipped
+    assert torch.allclose(grad[1:], -torch.tensor([0.5, 1.1, 0.9]) / 4)
+    new.grad = None
+    clipped_ratio_loss(new, old, torch.tensor([-1.0]), mask, clip=0.2).backward()
+    # negative advantage: now the ratio below 1 - clip is the clipped, gradient-free one
+    assert new.grad[0, 1] == 0.0 and new.grad[0, 0] != 0.0
+    # a masked token neither counts nor gets a gradient; at ratio 1 the loss is -mean(A)
+    new.grad = None
+    half = torch.tensor([[True, True, False, False]])
+    loss = clipped_ratio_loss(
+        old.clone().requires_grad_(True),
+        old,
+        torch.tensor([[2.0, 4.0, 9.0, 9.0]]),
+        half,
     )
+    assert float(loss.detach()) == pytest.approx(-3.0)
+    with pytest.raises(ValueError, match="clip"):
+        clipped_ratio_loss(new, old, torch.tensor([1.0]), mask, clip=1.5)
+    with pytest.raises(ValueError, match="differ"):
+        clipped_ratio_loss(new, old[:, :3], torch.tensor([1.0]), mask)
 
-    with pytest.raises(ValueError, match="weak_step"):
-        PGConfig(mle_steps=10, weak_step=10)
-    with pytest.raises(ValueError, match="mle_mix"):
-        PGConfig(mle_mix=-1.0)
-    with pytest.raises(ValueError, match="length_penalty"):
-        PGConfig(length_penalty=-0.1)
-    with pytest.raises(ValueError, match="token budgets"):
-        PGConfig(mle_batch_tokens=10)
-    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
-        PGConfig(pg_precision="fp16")
-    # the MLE start's cache key ignores fine-tuning settings but not model settings
-    assert (
-        PGConfig(pg_lr=0.5).start_key()
-        == QUICK.start_key()
-        != PGConfig(d_model=64).start_key()
+
+def test_kl_penalty_estimators_match_the_exact_kl():
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    ref = torch.tensor([0.2, 0.2, 0.6])
+    exact = float((pi * (pi / ref).log()).sum())
+    # every outcome once, as a one-token sequence, weighted by its probability under pi
+    logp, ref_logp = pi.log()[:, None], ref.log()[:, None]
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    for kind in ("k1", "k3"):
+        per_outcome = kl_penalty(logp, ref_logp, mask, kind)
+        assert float((pi * per_outcome).sum()) == pytest.approx(exact, rel=1e-5)
+    k1, k3 = (
+        kl_penalty(logp, ref_logp, mask, "k1"),
+        kl_penalty(logp, ref_logp, mask, "k3"),
     )
-    with pytest.raises(ValueError, match="unknown estimator"):
-        run_policy_gradient("greedy")
-
-
-def test_cli_rejects_unknown_estimator(capsys):
-    from lmpg_utils.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["run", "pg", "--estimator", "ppo"])
-    assert (
-        "none, moving-average, self-critical, leave-one-out" in capsys.readouterr().err
+    assert bool((k1 < 0).any()) and bool((k3 >= 0).all())  # k1 can be negative, k3 not
+    # a sequence's estimate sums its unmasked tokens only
+    two = kl_penalty(
+        torch.log(torch.tensor([[0.5, 0.5]])),
+        torch.log(torch.tensor([[0.25, 0.1]])),
+        torch.tensor([[True, False]]),
     )
-
-
-def test_tiny_translation_experiment_end_to_end(tmp_path, monkeypatch):
-    """A tiny config trained from scratch on the real verse pairs: start (cached), PG, the
-    equal-time control; nothing is loaded from a cache the test did not write."""
-    import dataclasses
-    import shutil
-
-    from lmpg_utils import caching, corpora
-    from lmpg_utils.experiments import policy_gradient as pgx
-
-    corpora.load_verse_pairs("train", 8)  # parse the Bibles into the normal cache first
-    for parsed in caching.cache_dir().glob(
-        "*.json"
-    ):  # reuse the parsed corpora, never a trained model
-        shutil.copy(parsed, tmp_path)
-    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    tiny = dataclasses.replace(
-        pgx.QUICK,
-        train_words=6,
-        eval_words=6,
-        vocab_size=300,
-        d_model=32,
-        num_heads=2,
-        num_layers=1,
-        d_ff=64,
-        max_tokens=24,
-        mle_steps=12,
-        mle_batch_tokens=400,
-        mle_warmup=2,
-        weak_step=4,
-        average_last=2,
-        max_len=12,
-        pg_steps=2,
-        pg_batch=4,
-        samples=2,
-        eval_every=1,
-        valid_sources=8,
-        control_batch_tokens=400,
-    )
-    setup = pgx.prepare(tiny, device="cpu")
-    assert setup.device == torch.device("cpu")
-    assert not setup.cached and len(setup.mle_history["losses"]) == tiny.mle_steps
-    assert setup.mle_history["averaged_steps"] == [11, 12]  # evenly over the last fifth
-    again = pgx.prepare(tiny)
-    assert again.cached
-    assert all(
-        torch.equal(again.start_state[k], v) for k, v in setup.start_state.items()
-    )
-    model, history = pgx.fine_tune(setup, "leave-one-out", tiny.pg_steps, seed=0)
-    assert history.steps == [0, 1, 2] and len(history.valid_reward) == 3
-    # every run from the start begins at the start's expected reward, computed once
-    start_reward = pgx.expected_reward(setup.new_model(), setup)
-    assert history.valid_reward[0] == setup.start_reward() == start_reward
-    assert set(setup._start_rewards) == {"start"}
-    weak_reward = pgx.expected_reward(setup.new_model(setup.weak_state), setup)
-    assert setup.start_reward(setup.weak_state) == weak_reward
-    assert history.valid_reward[-1] == pgx.expected_reward(
-        model, setup
-    )  # the end, fresh
-    # another reward on the same start: its own start reward, the original's memo untouched
-    plain = setup.with_config(length_penalty=0.0)
-    assert plain.config.length_penalty == 0.0 and plain.start_state is setup.start_state
-    assert plain.start_reward() == pgx.expected_reward(plain.new_model(), plain)
-    assert setup.start_reward() == start_reward and set(setup._start_rewards) == {
-        "start",
-        "weak",
-    }
-    with pytest.raises(ValueError, match="d_model define the cached start"):
-        setup.with_config(d_model=64)
-    control, control_history = pgx.continue_mle(
-        setup, seconds=max(history.total_seconds, 0.5), seed=0
-    )
-    assert control_history.valid_reward[0] == start_reward
-    assert control_history.steps[-1] >= 1
-    assert control_history.total_seconds >= max(history.total_seconds, 0.5)
-    result = pgx.evaluate(model, setup, "valid")
-    assert 0.0 <= result.bleu <= 100.0 and len(result.hypotheses) == len(setup.valid)
-    # the whole run on the given setup: its config and its device
-    summary = pgx.run_policy_gradient(setup=setup).summary()
-    assert summary["device"] == "cpu" and summary["pg_steps"] == tiny.pg_steps
+    assert float(two) == pytest.approx(float(torch.tensor(2.0).log()))
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(logp, ref_logp, mask, "k2")

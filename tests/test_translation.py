@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from lmpg_utils.generation import sequence_log_probs, target_mask, translate
+from lmpg_utils.tokenization import pad_batch
 from lmpg_utils.transformer import EncoderDecoder, TransformerConfig
 from lmpg_utils.translation import (
     EncodedPairs,
-    frequent_word_subset,
     mle_loss,
-    pad_batch,
     teacher_forced_stats,
     train_tokenizer,
     translate_texts,
@@ -48,15 +47,6 @@ def test_tokenizer_round_trip_both_languages(tokenizer):
     for de, en in PAIRS[:5]:
         assert tokenizer.decode(tokenizer.encode(de)) == de
         assert tokenizer.decode(tokenizer.encode(en)) == en
-
-
-def test_frequent_word_subset():
-    pairs = [("a b", "x y"), ("a c", "x z"), ("a b c d e f", "x y")]
-    assert frequent_word_subset(pairs, pairs, max_words=3, top_words=10) == [0, 1]
-    # with only the single most frequent word per language kept, nothing qualifies
-    assert frequent_word_subset(pairs, pairs, max_words=3, top_words=1) == []
-    with pytest.raises(ValueError):
-        frequent_word_subset(pairs, pairs, max_words=0, top_words=1)
 
 
 def test_encoded_pairs_and_batches(tokenizer):

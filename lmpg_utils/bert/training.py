@@ -1,0 +1,174 @@
+"""Pre-training (masked LM + next-sentence prediction) and fine-tuning loops (chapter 3).
+
+Both loops draw their batches from :func:`~lmpg_utils.bert.data.shuffled_batches` and
+hand them to :func:`lmpg_utils.training.train`; pre-training masks every batch afresh
+(dynamic masking) with the same random generator that shuffles the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..training import TrainHistory, train
+from .data import EncodedBatch, shuffled_batches
+from .masking import IGNORE_INDEX, SpecialIds, mask_tokens
+from .model import BertClassifier, BertModel
+
+
+def nsp_targets(is_next: Tensor) -> Tensor:
+    """NSP class ids from booleans: IsNext -> 0, NotNext -> 1."""
+    return (~is_next.bool()).long()
+
+
+@dataclass
+class PretrainingBatch:
+    """A masked NSP batch: corrupted ids, segments, padding, MLM labels and NSP targets."""
+
+    ids: Tensor
+    segment_ids: Tensor
+    padding_mask: Tensor
+    mlm_labels: Tensor
+    nsp_labels: Tensor
+
+    def to(self, device: torch.device | str) -> PretrainingBatch:
+        """The same batch on ``device``."""
+        return PretrainingBatch(
+            self.ids.to(device),
+            self.segment_ids.to(device),
+            self.padding_mask.to(device),
+            self.mlm_labels.to(device),
+            self.nsp_labels.to(device),
+        )
+
+
+def make_pretraining_batch(
+    batch: EncodedBatch, special: SpecialIds, generator: torch.Generator | None = None
+) -> PretrainingBatch:
+    """Mask an encoded NSP batch (labels = ``is_next`` booleans) for :func:`pretraining_loss`."""
+    if batch.labels is None:
+        raise ValueError("the NSP batch needs labels (is_next)")
+    masked = mask_tokens(batch.ids, special, generator)
+    return PretrainingBatch(
+        masked.input_ids,
+        batch.segment_ids,
+        batch.padding_mask,
+        masked.labels,
+        nsp_targets(batch.labels),
+    )
+
+
+def pretraining_loss(
+    model: BertModel, batch: PretrainingBatch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(MLM + NSP, MLM, NSP)``: MLM is the mean cross-entropy over chosen positions only."""
+    hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
+    chosen = batch.mlm_labels != IGNORE_INDEX
+    if not bool(chosen.any()):
+        mlm = hidden.sum() * 0.0
+    else:
+        mlm = F.cross_entropy(
+            model.mlm_logits(hidden[chosen]), batch.mlm_labels[chosen]
+        )
+    nsp = F.cross_entropy(model.nsp_logits(hidden), batch.nsp_labels)
+    return mlm + nsp, mlm, nsp
+
+
+@dataclass
+class PretrainHistory(TrainHistory):
+    """:class:`~lmpg_utils.training.TrainHistory` (``losses`` is MLM + NSP) plus the loss
+    of each objective at every step."""
+
+    mlm_losses: list[float] = field(default_factory=list)
+    nsp_losses: list[float] = field(default_factory=list)
+
+
+def pretrain(
+    model: BertModel,
+    data: EncodedBatch,
+    special: SpecialIds,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> PretrainHistory:
+    """Pre-train on encoded NSP pairs (labels ``is_next``) with fresh (dynamic) masking
+    for every batch; the batches go to the model's device.
+
+    ``history.losses`` is the total loss; the per-objective losses are in
+    ``history.mlm_losses`` and ``history.nsp_losses``.
+    """
+    if data.labels is None:
+        raise ValueError("the pre-training pairs need labels (is_next)")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    mlm_losses: list[float] = []
+    nsp_losses: list[float] = []
+
+    def batches() -> Iterator[PretrainingBatch]:
+        for part in shuffled_batches(data, batch_size, generator):
+            yield make_pretraining_batch(part, special, generator).to(device)
+
+    def loss_fn(m: nn.Module, batch: PretrainingBatch) -> tuple[Tensor, int]:
+        total, mlm, nsp = pretraining_loss(m, batch)  # type: ignore[arg-type]
+        mlm_losses.append(mlm.item())
+        nsp_losses.append(nsp.item())
+        return total, int((batch.mlm_labels != IGNORE_INDEX).sum())
+
+    history = train(
+        model,
+        batches(),
+        loss_fn,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        progress=progress,
+        description="pre-train",
+    )
+    return PretrainHistory(
+        **history.to_dict(), mlm_losses=mlm_losses, nsp_losses=nsp_losses
+    )
+
+
+def fine_tune(
+    model: BertClassifier,
+    data: EncodedBatch,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> TrainHistory:
+    """Train every weight of ``model`` with cross-entropy on the labelled ``data``
+    (batches of ``min(batch_size, len(data))`` rows, on the model's device)."""
+    if data.labels is None:
+        raise ValueError("fine-tuning data needs labels")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    parts = shuffled_batches(data, min(batch_size, len(data)), generator)
+
+    def loss_fn(m: nn.Module, batch: EncodedBatch) -> tuple[Tensor, int]:
+        return F.cross_entropy(
+            m(batch.ids, batch.segment_ids, batch.padding_mask), batch.labels
+        ), len(batch)
+
+    # The MLM and NSP heads get no gradient here; AdamW skips parameters whose grad is None.
+    return train(
+        model,
+        (part.to(device) for part in parts),
+        loss_fn,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        progress=progress,
+        description="fine-tune",
+    )

@@ -1,0 +1,168 @@
+"""Chapter 3's experiment (lmpg_utils/experiments/ch3_bert.py): its profiles, the cache
+key of the pre-trained BERT, the checks of its Config, and a tiny run on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from lmpg_utils import caching, configs, corpora
+from lmpg_utils.experiments import ch3_bert as ch3
+
+# --set assignments that shrink the quick profile to a run of seconds on a CPU
+TINY = [
+    "pretrain_steps=6",
+    "pretrain_pairs=200",
+    "eval_pairs=60",
+    "finetune_steps=2",
+    "label_counts=8",
+    "test_per_class=5",
+]
+
+# The cache settings of the pre-trained BERT as they were before the model sizes were
+# nested in Config: models cached under them must still be found.
+QUICK_KEY = {
+    "vocab_size": 4000,
+    "d_model": 128,
+    "num_heads": 4,
+    "num_layers": 2,
+    "d_ff": 256,
+    "max_len": 64,
+    "dropout": 0.0,
+    "positional": "sinusoidal",
+    "pretrain_pairs": 20000,
+    "pretrain_steps": 2400,
+    "batch_size": 32,
+    "lr": 0.002,
+    "warmup_steps": 30,
+    "eval_pairs": 3000,
+    "label_counts": [50, 100, 200, 400],
+    "finetune_steps": 40,
+    "finetune_batch_size": 16,
+    "finetune_lr": 0.001,
+    "test_per_class": 150,
+    "profile": "quick",
+}
+FULL_KEY = {
+    "vocab_size": 8000,
+    "d_model": 256,
+    "num_heads": 8,
+    "num_layers": 4,
+    "d_ff": 1024,
+    "max_len": 128,
+    "dropout": 0.1,
+    "positional": "learned",
+    "pretrain_pairs": 300000,
+    "pretrain_steps": 5000,
+    "batch_size": 128,
+    "lr": 0.001,
+    "warmup_steps": 500,
+    "eval_pairs": 3000,
+    "label_counts": [50, 100, 200, 400, 800, 1600],
+    "finetune_steps": 200,
+    "finetune_batch_size": 32,
+    "finetune_lr": 0.0001,
+    "test_per_class": 150,
+    "profile": "full",
+}
+
+
+def test_profiles_keep_the_cache_key_of_the_pretrained_model():
+    for profile, expected in (("quick", QUICK_KEY), ("full", FULL_KEY)):
+        settings = ch3.cache_settings(ch3.PROFILES[profile])
+        assert json.dumps(settings, sort_keys=True) == json.dumps(
+            expected, sort_keys=True
+        )
+    changed = configs.apply_overrides(ch3.PROFILES["quick"], ["model.d_model=64"])
+    assert ch3.cache_settings(changed)["d_model"] == 64
+
+
+def test_the_model_config_is_an_encoder_with_two_segments():
+    config = ch3.PROFILES["full"].model_config(8000)
+    assert (config.vocab_size, config.num_segments, config.d_model) == (8000, 2, 256)
+    assert config.positional == "learned" and config.max_len == 128
+
+
+QUICK = ch3.PROFILES["quick"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"pretrain_steps": 0}, "pretrain_steps"),
+        ({"finetune_lr": 0.0}, "finetune_lr"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"label_counts": (2, 100)}, "label_counts"),
+        ({"label_counts": [50, 100]}, "label_counts"),
+        ({"batch_size": 30000}, "batch_size"),
+        ({"model": dataclasses.replace(QUICK.model, max_len=2)}, "model.max_len"),
+        (
+            {"model": dataclasses.replace(QUICK.model, num_decoder_layers=2)},
+            "model.num_decoder_layers",
+        ),
+    ],
+)
+def test_config_names_the_bad_field(changes, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        dataclasses.replace(QUICK, **changes)
+
+
+def test_overrides_reach_the_nested_model_sizes():
+    changed = configs.apply_overrides(
+        QUICK, ["model.num_layers=1", "label_counts=8,16"]
+    )
+    assert changed.model.num_layers == 1 and changed.label_counts == (8, 16)
+    assert changed.model.d_model == QUICK.model.d_model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def empty_model_cache(tmp_path, monkeypatch):
+    """A cache holding only the parsed corpora (copied), so every model is trained."""
+    corpora.load_bible_verses()
+    for parsed in caching.cache_dir().glob("*.json"):
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
+    empty_model_cache, one_thread
+):
+    tiny = configs.apply_overrides(ch3.PROFILES["quick"], TINY)
+    first = ch3.run(tiny, seed=0, device="cpu", progress=False)
+    assert not first.pretrain_cached and len(first.history.steps) == 6
+    assert next(first.model.parameters()).device == torch.device("cpu")
+    summary = first.summary()
+    assert tuple(summary)[: len(configs.SUMMARY_KEYS)] == configs.SUMMARY_KEYS
+    assert summary["experiment"] == "bert" and summary["device"] == "cpu"
+    assert summary["config"]["model"]["d_model"] == 128
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["label_counts"] == [8] and summary["nsp_eval_pairs"] == 60
+
+    models = set(empty_model_cache.glob("ch3-bert-*.pt"))
+    ch3.prepare_models(tiny, seed=1, device="cpu", progress=False)
+    assert len(set(empty_model_cache.glob("ch3-bert-*.pt")) - models) == 1
+
+    second = ch3.run(tiny, seed=0, device="cpu", progress=False)
+    assert second.pretrain_cached
+    assert second.history.nsp_losses == first.history.nsp_losses
+    assert second.history.mlm_losses == first.history.mlm_losses
+    assert (second.mlm_accuracy, second.nsp_accuracy, second.finetune_pretrained) == (
+        first.mlm_accuracy,
+        first.nsp_accuracy,
+        first.finetune_pretrained,
+    )
+    assert ch3.run(tiny, seed=1, device="cpu", progress=False).pretrain_cached
