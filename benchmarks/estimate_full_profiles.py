@@ -71,14 +71,12 @@ def main() -> None:
         ("2 GPT", model, gpt.gpt.steps * gpt.gpt.batch_size * framed, attention)
     )
 
-    bert = ch3_bert.PROFILES["full"]
+    bert = ch3_bert.PROFILES["full"].pretraining
     with torch.device("meta"):
-        model = BertModel(bert.model.with_vocab(bert.vocab_size, num_segments=2))
+        model = BertModel(bert.model_config())
     length = bert.model.max_len  # sentence pairs, padded to the longest in a batch
     attention = 12 * bert.model.num_layers * length * bert.model.d_model
-    rows.append(
-        ("3 BERT", model, bert.pretrain_steps * bert.batch_size * length, attention)
-    )
+    rows.append(("3 BERT", model, bert.steps * bert.batch_size * length, attention))
 
     pg = ch4_policy_gradient.PROFILES["full"]
     with torch.device("meta"):

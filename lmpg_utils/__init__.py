@@ -10,8 +10,9 @@ Notebooks narrate; this package does the work. Imports go down the layers only:
   and cached GPT), ``bert`` (a subpackage: ``bert.masking``, ``bert.data``,
   ``bert.model``, ``bert.training``, ``bert.evaluation``, ``bert.book_groups``,
   ``bert.pretrained``), ``translation`` (chapter 4's task: data, tokenizer, cached MLE
-  start, evaluation) and ``policy_gradient`` (estimators, losses, rollouts, the update
-  loop);
+  start, evaluation), ``judges`` (chapter 5's book-group classifiers, the learned
+  reward), ``rlhf`` (chapter 5's task, methods, evaluation and controls) and
+  ``policy_gradient`` (estimators, losses, rollouts, the update loop);
 - ``experiments``: one module per chapter, each with the same names (``NAME``,
   ``Config``, ``PROFILES``, ``run``, ``Result``), none importing another;
 - the command line, ``python -m lmpg_utils`` (README's layout section maps chapters to

@@ -31,6 +31,7 @@ EXPERIMENTS: dict[str, str] = {
     "gpt": "ch2_gpt",
     "bert": "ch3_bert",
     "pg": "ch4_policy_gradient",
+    "rlhf": "ch5_rlhf",
 }
 
 

@@ -8,6 +8,8 @@ teacher-forced pass (cheaper than keeping the sampling graph).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -203,3 +205,97 @@ def sequence_log_probs(
     if per_token:
         return terms, mask
     return terms.sum(dim=1), mask.sum(dim=1)
+
+
+def forbid(logits: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """``logits`` with ``token_ids`` set to -inf on the last (vocabulary) dimension."""
+    forbidden = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    forbidden[list(token_ids)] = True
+    return logits.masked_fill(forbidden, float("-inf"))
+
+
+def _check_prompts(model: GPT, prompts: Tensor, max_new_tokens: int) -> None:
+    if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+        raise ValueError(
+            "prompts must be a non-empty (batch, length) tensor, "
+            f"got shape {tuple(prompts.shape)}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompts.shape[1] + max_new_tokens > model.config.max_len:
+        raise ValueError(
+            f"prompt length {prompts.shape[1]} + {max_new_tokens} new tokens exceeds "
+            f"max_len {model.config.max_len}"
+        )
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: GPT,
+    prompts: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    forbidden: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample a continuation of each row of ``prompts`` (B, P) from the GPT's policy: its
+    next-token distribution at temperature 1 with the ``forbidden`` ids (and ``pad_id``)
+    removed, until EOS or ``max_new_tokens``, with a key/value cache.
+
+    Returns ``(tokens, log_probs, mask)``, each (B, T): the sampled ids (``pad_id``
+    after a row's EOS), the log-probability each had when it was drawn, and True up to
+    and including the first EOS. A row that never draws EOS ends after
+    ``max_new_tokens`` tokens. :func:`continuation_log_probs` scores the same policy.
+    """
+    _check_prompts(model, prompts, max_new_tokens)
+    removed = sorted({*forbidden, pad_id})
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache()
+    step_input = prompts
+    finished = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
+    tokens, log_probs, masks = [], [], []
+    for _ in range(max_new_tokens):
+        logits = forbid(model(step_input, cache=cache)[:, -1].float(), removed)
+        step_log_probs = F.log_softmax(logits, dim=-1)
+        chosen = pick_next(logits, 1.0, None, generator)
+        masks.append(~finished)
+        tokens.append(torch.where(finished, torch.full_like(chosen, pad_id), chosen))
+        log_probs.append(
+            torch.where(
+                finished,
+                torch.zeros_like(step_log_probs[:, 0]),
+                step_log_probs.gather(-1, chosen[:, None]).squeeze(-1),
+            )
+        )
+        finished = finished | (chosen == eos_id)
+        step_input = chosen[:, None]
+        if bool(finished.all()):
+            break
+    model.train(was_training)
+    return torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
+
+
+def continuation_log_probs(
+    model: GPT,
+    prompts: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    pad_id: int,
+    forbidden: Sequence[int] = (),
+) -> Tensor:
+    """Per-token log-probabilities (B, T) of continuations ``tokens`` after ``prompts``
+    under the policy :func:`sample_continuations` draws from, in one teacher-forced pass
+    with gradients; 0 where ``mask`` is False."""
+    if tokens.shape != mask.shape or tokens.shape[0] != prompts.shape[0]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)}, mask {tuple(mask.shape)} and prompts "
+            f"{tuple(prompts.shape)} do not fit together"
+        )
+    sequence = torch.cat([prompts, tokens], dim=1)[:, :-1]
+    logits = model(sequence)[:, prompts.shape[1] - 1 :].float()
+    log_probs = F.log_softmax(forbid(logits, sorted({*forbidden, pad_id})), dim=-1)
+    chosen = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+    # where, not a product: PAD after EOS scores -inf, and 0 * -inf is nan
+    return torch.where(mask, chosen, torch.zeros_like(chosen))

@@ -17,7 +17,9 @@ once. All test verses fit in one window of the chapters' contexts, so their scor
 exact.
 
 Chapter 2's GPT is trained once per configuration, seed and code version and cached
-(:func:`cached_gpt`); later chapters load it from here, not from an experiment.
+(:func:`cached_gpt`). :data:`GPT_PROFILES` and :data:`GPT_VOCAB_SIZES` hold its settings
+in each profile, and later chapters load it with :func:`load_gpt`, not through an
+experiment.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import caching, corpora, runtime
+from . import caching, configs, corpora, runtime
 from .generation import generate
 from .neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel
 from .ngram import KneserNeyLM
@@ -459,6 +461,33 @@ class GPTTraining:
         return {**sizes, **budget}
 
 
+#: the vocabulary size of chapters 1 and 2 (and of the GPT) in each profile
+GPT_VOCAB_SIZES: dict[str, int] = {"quick": 6000, "full": 12000}
+
+#: the sizes and budget of chapter 2's GPT in each profile
+GPT_PROFILES: dict[str, GPTTraining] = {
+    # about 9 minutes on 2 CPU cores: 3,000 steps of 64 verses
+    "quick": GPTTraining(eval_every=300),
+    # minutes on a GPU: a 6-layer model, many epochs, more regularisation
+    "full": GPTTraining(
+        model=ModelSizes(
+            d_model=384,
+            num_heads=6,
+            num_layers=6,
+            d_ff=1536,
+            max_len=256,
+            dropout=0.2,
+        ),
+        lr=1e-3,
+        warmup_steps=400,
+        steps=8000,
+        batch_size=64,
+        eval_every=1000,
+        valid_subset=2605,
+    ),
+}
+
+
 def train_gpt(
     training: GPTTraining,
     data: WordLMData,
@@ -502,9 +531,11 @@ def train_gpt(
 
 @dataclass
 class TrainedGPT:
-    """A GPT from :func:`cached_gpt`, its training history and whether it was loaded."""
+    """A GPT from :func:`cached_gpt`, its vocabulary, its training history and whether
+    it was loaded."""
 
     model: GPT = field(repr=False)
+    vocab: WordVocab = field(repr=False)
     history: TrainHistory = field(repr=False)
     cached: bool
 
@@ -539,10 +570,40 @@ def cached_gpt(
             model.load_state_dict(stored["state_dict"])
             model.eval()
             history = TrainHistory.from_dict(json.loads(stored["extra"]["history"]))
-            return TrainedGPT(model, history, cached=True)
+            return TrainedGPT(model, vocab, history, cached=True)
         model, history = train_gpt(
             training, data, seed=seed, device=device, progress=progress
         )
         extra = {"history": json.dumps(history.to_dict())}
         save_checkpoint(path, model, key["config"], caching.tag(extra, key))
-    return TrainedGPT(model, history, cached=False)
+    return TrainedGPT(model, vocab, history, cached=False)
+
+
+def load_gpt(
+    profile: str,
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool = True,
+    training: GPTTraining | None = None,
+    vocab_size: int | None = None,
+) -> TrainedGPT:
+    """Chapter 2's GPT of ``profile`` and ``seed`` with its vocabulary, on ``device`` and
+    in eval mode: loaded from the cache, or trained now (minutes) and cached.
+
+    ``training`` and ``vocab_size`` default to the profile's (:data:`GPT_PROFILES`,
+    :data:`GPT_VOCAB_SIZES`); other values name another model under the same profile
+    (as chapter 2's ``--set`` does).
+    """
+    if training is None:
+        training = configs.profile_config(GPT_PROFILES, profile)
+    if vocab_size is None:
+        vocab_size = configs.profile_config(GPT_VOCAB_SIZES, profile)
+    return cached_gpt(
+        training,
+        word_data(vocab_size),
+        profile=profile,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )

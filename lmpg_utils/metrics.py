@@ -126,3 +126,20 @@ def sentence_rewards(
             min(1.0, max(0.0, value))
         )  # sacrebleu can return 100.00000000000004
     return rewards
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams over all n-grams of ``texts``
+    (split on whitespace), pooled over the texts. 1 when no n-gram repeats; near 0 when
+    the texts say the same thing again and again. A text shorter than ``n`` words adds
+    no n-gram; with no n-gram at all the value is undefined (``ValueError``)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    grams = [
+        tuple(words[i : i + n])
+        for words in (text.split() for text in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    if not grams:
+        raise ValueError(f"the texts contain no {n}-gram")
+    return len(set(grams)) / len(grams)

@@ -8,22 +8,31 @@ The REINFORCE estimate of the gradient of the expected reward
 
 implemented as the surrogate loss ``-(R - b).detach() * log_prob``
 (:func:`reinforce_loss`) whose gradient is :math:`-\\hat g`. The estimators of
-:data:`ESTIMATORS` differ only in the baseline ``b`` and declare what it needs:
+:data:`ESTIMATORS` turn a rollout's rewards into advantages and declare what they need:
 
 * ``none``: ``b = 0``;
 * ``moving-average``: an exponential moving average of past batch-mean rewards
-  (``needs_history``: the loop keeps a :class:`MovingAverage` for it alone);
+  (``needs_history``: the loop keeps a :class:`MovingAverage` for it alone; REINFORCE
+  with a baseline);
 * ``self-critical``: the reward of the greedy decode of the same source (Rennie et al.
   2017; ``needs_greedy``: the rollout also decodes greedily);
-* ``leave-one-out``: the mean reward of the *other* K-1 samples of the same source (RLOO).
+* ``leave-one-out``: the mean reward of the *other* K-1 samples of the same source (RLOO,
+  Ahmadian et al. 2024);
+* ``group-normalized``: ``(R - mean) / (std + eps)`` over the K samples of a source (GRPO,
+  Shao et al. 2024);
+* ``group-mean``: ``R - mean`` over the K samples, no std (Dr. GRPO, Liu et al. 2025);
+* ``gae``: per-token generalized advantage estimates from per-token rewards and a learned
+  value function (PPO, Schulman et al. 2017; GAE, Schulman et al. 2016;
+  ``token_level`` and ``needs_values``).
 
 A baseline that does not depend on the sample it multiplies leaves the estimator
 unbiased; the toy :class:`TabularSequencePolicy` lets the notebook check that by
 enumerating every sequence. Beside the REINFORCE surrogate, :func:`clipped_ratio_loss`
-(PPO's clipped surrogate, per token) and :func:`kl_penalty` (per-token estimates of the
-KL divergence to a reference policy) are the parts RLHF adds. :func:`rollout` samples
-and scores translations as described by a :class:`Decoding`, and
-:func:`policy_update_loop` is the one loop that turns rollouts into updates.
+(PPO's and GRPO's clipped surrogate, per token, aggregated by
+:func:`aggregate_tokens`), :func:`kl_penalty` (per-token estimates of the KL divergence
+to a reference policy) and :func:`value_loss` (PPO's critic) are the parts RLHF adds.
+:func:`rollout` samples and scores translations as described by a :class:`Decoding`,
+and :func:`policy_update_loop` is the one loop that turns rollouts into updates.
 """
 
 from __future__ import annotations
@@ -91,18 +100,23 @@ class MovingAverage:
 
 @dataclass(frozen=True)
 class Estimator:
-    """An advantage estimator: a name, what it needs, and its baseline.
+    """An advantage estimator: a name, what it needs, and how it computes advantages.
 
     ``needs_greedy``: the greedy decode's rewards (B,) must be passed;
     ``needs_history``: the value of a :class:`MovingAverage` of past rewards (the value
     *before* the current batch is added, so ``b`` does not depend on the current
-    samples; ``None`` at first); ``min_samples``: the samples per source it needs.
+    samples; ``None`` at first); ``min_samples``: the samples per source it needs;
+    ``needs_values``: the rollout must carry value estimates (:attr:`Rollout.values`);
+    ``token_level``: :meth:`rollout_advantages` returns per-token advantages
+    (B*K, T) instead of per-sequence ones (B, K).
     """
 
     name: str
     needs_greedy: bool = False
     needs_history: bool = False
     min_samples: int = 1
+    needs_values: bool = False
+    token_level: bool = False
 
     def baseline(
         self,
@@ -121,6 +135,12 @@ class Estimator:
     ) -> Tensor:
         """``rewards - baseline`` (B, K), what the losses weight log-probabilities by."""
         return rewards - self.baseline(rewards, greedy_rewards, history)
+
+    def rollout_advantages(self, roll: Rollout, history: float | None = None) -> Tensor:
+        """The advantages of a whole rollout: (B, K) per sequence, or (B*K, T) per token
+        when ``token_level``. For a sequence-level estimator this is
+        :meth:`advantages` of the rollout's rewards (and greedy rewards)."""
+        return self.advantages(roll.rewards, roll.greedy_rewards, history)
 
 
 @dataclass(frozen=True)
@@ -175,10 +195,166 @@ class LeaveOneOut(Estimator):
         return leave_one_out_baseline(rewards)
 
 
+def _group_mean(rewards: Tensor, name: str) -> Tensor:
+    _check_rewards(rewards)
+    if rewards.shape[1] < 2:
+        raise ValueError(
+            f"{name} needs at least K=2 samples per source, got K={rewards.shape[1]}"
+        )
+    return rewards.mean(dim=1, keepdim=True).expand_as(rewards)
+
+
+@dataclass(frozen=True)
+class GroupMean(Estimator):
+    """``A_i = R_i - mean_k R_k`` over the K samples of the same source, the mean
+    including ``R_i`` itself (Dr. GRPO). It equals ``(K-1)/K`` times the leave-one-out
+    advantage, so it is RLOO with a smaller step."""
+
+    name: str = "group-mean"
+    min_samples: int = 2
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        return _group_mean(rewards, self.name)
+
+
+@dataclass(frozen=True)
+class GroupNormalized(Estimator):
+    """``A_i = (R_i - mean) / (std + eps)`` over the K samples of the same source (GRPO).
+
+    ``std`` is the *sample* standard deviation (Bessel-corrected, divisor K-1), what
+    ``torch.Tensor.std`` computes by default and what GRPO's reference implementations
+    use. A group whose rewards are all equal gets zero advantages. Dividing by the
+    std makes the advantage depend on the sample itself, so the estimate is no longer
+    an unbiased REINFORCE gradient; it rescales each source's step instead.
+    """
+
+    name: str = "group-normalized"
+    min_samples: int = 2
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0.0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+    def baseline(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        return _group_mean(rewards, self.name)
+
+    def advantages(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        centred = rewards - self.baseline(rewards)
+        return centred / (rewards.std(dim=1, keepdim=True) + self.eps)
+
+
+def generalized_advantages(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimates and returns, per token (Schulman et al. 2016).
+
+    For each row of (N, T) tensors, over its real tokens (``mask`` True, one
+    contiguous run per row: a prompt before it and padding after it are masked out):
+
+    .. math:: \\delta_t = r_t + \\gamma V_{t+1} - V_t, \\qquad
+       A_t = \\sum_{l \\ge 0} (\\gamma\\lambda)^l \\delta_{t+l}, \\qquad
+       G_t = A_t + V_t,
+
+    with :math:`V = 0` after the last real token (the episode ends there) and the sum
+    stopping at it. ``lam = 1`` gives the Monte-Carlo return minus the value; ``lam =
+    0`` the one-step TD error. Returns ``(advantages, returns)``, both (N, T), 0 at
+    masked positions and detached (they are regression and weighting targets).
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be (rows, tokens), got shape {tuple(mask.shape)}")
+    _check_per_token(mask, token_rewards=token_rewards, values=values)
+    starts = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    if bool((starts.sum(dim=1) > 1).any()):
+        raise ValueError("each row's mask must be one contiguous run of real tokens")
+    rewards = torch.where(mask, token_rewards.detach(), 0.0)
+    values = torch.where(mask, values.detach(), 0.0)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in range(mask.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = torch.where(mask[:, t], delta + gamma * lam * next_advantage, 0.0)
+        advantages[:, t] = advantage
+        next_value, next_advantage = values[:, t], advantage
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def terminal_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards (N, T) that are 0 except the sequence reward ``rewards`` (N,)
+    on each row's last real token (where a reward model scores the whole sequence).
+    Add ``-beta * kl_penalty(..., reduce="none")`` to them for PPO's KL-shaped reward."""
+    if rewards.shape != mask.shape[:1] or mask.dim() != 2:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} must be (N,) for a mask (N, T), "
+            f"got mask {tuple(mask.shape)}"
+        )
+    _check_per_token(mask)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every row needs at least one real token to put its reward on")
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    out[torch.arange(mask.shape[0], device=mask.device), last] = rewards
+    return out
+
+
+@dataclass(frozen=True)
+class GeneralizedAdvantage(Estimator):
+    """Per-token advantages by :func:`generalized_advantages` (PPO's estimator).
+
+    Reads the rollout's :attr:`Rollout.values` (the value head's estimates at sampling
+    time) and its :attr:`Rollout.token_rewards`, or, when the sampler left those out,
+    :func:`terminal_rewards` of its sequence rewards. The returns a value loss regresses
+    on are ``advantages + roll.values`` (masked).
+    """
+
+    name: str = "gae"
+    needs_values: bool = True
+    token_level: bool = True
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(
+                f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}"
+            )
+
+    def advantages(self, rewards, greedy_rewards=None, history=None) -> Tensor:
+        raise ValueError(
+            "gae works per token from values: call rollout_advantages(rollout)"
+        )
+
+    def rollout_advantages(self, roll: Rollout, history: float | None = None) -> Tensor:
+        if roll.values is None:
+            raise ValueError("gae needs the rollout's values (Rollout.values)")
+        _check_rewards(roll.rewards)
+        token_rewards = roll.token_rewards
+        if token_rewards is None:
+            token_rewards = terminal_rewards(roll.rewards.reshape(-1), roll.mask)
+        advantages, _ = generalized_advantages(
+            token_rewards, roll.values, roll.mask, self.gamma, self.lam
+        )
+        return advantages
+
+
 #: the one list of estimator names (the command line and configs take their choices here)
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e
-    for e in (NoBaseline(), MovingAverageBaseline(), SelfCritical(), LeaveOneOut())
+    for e in (
+        NoBaseline(),
+        MovingAverageBaseline(),
+        SelfCritical(),
+        LeaveOneOut(),
+        GroupNormalized(),
+        GroupMean(),
+        GeneralizedAdvantage(),
+    )
 }
 
 
@@ -213,56 +389,151 @@ def _check_per_token(mask: Tensor, **tensors: Tensor) -> None:
         raise ValueError("mask must be a boolean tensor with at least one True")
 
 
+#: how :func:`aggregate_tokens` turns per-token losses into one number
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "sequence-mean", "constant")
+
+
+def aggregate_tokens(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    constant: float | None = None,
+) -> Tensor:
+    """One scalar from per-token values ``x`` (N, T) over the real tokens (``mask``).
+
+    * ``"token-mean"``: :math:`\\sum_{i,t} m_{it} x_{it} / \\sum_{i,t} m_{it}`, every
+      real token of the batch weighs the same (PPO as usually implemented, DAPO);
+    * ``"sequence-mean"``: :math:`\\frac{1}{N}\\sum_i \\sum_t m_{it} x_{it} /
+      \\sum_t m_{it}`, each sequence weighs the same, so a token of a long sequence
+      weighs less (GRPO); a row without real tokens counts as 0;
+    * ``"constant"``: :math:`\\frac{1}{N}\\sum_i \\sum_t m_{it} x_{it} / C` with a
+      fixed ``constant`` C such as the maximum number of generated tokens (Dr. GRPO:
+      no length normalisation).
+
+    Masked positions are never read (a NaN there does not leak into the result).
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    if per_token.dim() != 2:
+        raise ValueError(
+            f"per-token values must be (rows, tokens), got shape {tuple(per_token.shape)}"
+        )
+    _check_per_token(mask, per_token=per_token)
+    if (mode == "constant") != (constant is not None):
+        raise ValueError("constant is required by, and only by, mode='constant'")
+    if constant is not None and not constant > 0:
+        raise ValueError(f"constant must be positive, got {constant}")
+    masked = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if mode == "token-mean":
+        return masked.sum() / mask.sum()
+    if mode == "sequence-mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+    return (masked.sum(dim=1) / constant).mean()
+
+
 def clipped_ratio_loss(
     log_probs: Tensor,
     old_log_probs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip: float = 0.2,
+    aggregate: str = "token-mean",
+    constant: float | None = None,
 ) -> Tensor:
-    """PPO's clipped surrogate (the loss of PPO and GRPO), averaged over the masked tokens.
+    """PPO's clipped surrogate (the loss of PPO and GRPO), aggregated over the masked tokens.
 
     Per token, with the ratio ``r = exp(log_probs - old_log_probs)`` of the current policy
     to the one that sampled: ``-min(r A, clip(r, 1 - clip, 1 + clip) A)``. Where the
     clipped term is the smaller one the loss has no gradient, so one rollout cannot push
     the policy far from the sampling policy. ``log_probs``, ``old_log_probs`` and
-    ``mask`` are (B, T); ``advantages`` is (B,) per sequence or (B, T) per token.
-    ``old_log_probs`` and ``advantages`` are detached.
+    ``mask`` are (N, T); ``advantages`` is (N,) per sequence (broadcast over its
+    tokens) or (N, T) per token. ``old_log_probs`` and ``advantages`` are detached.
+    ``aggregate`` (and ``constant``) choose how tokens are averaged, see
+    :func:`aggregate_tokens`; the default, ``"token-mean"``, averages over all real
+    tokens of the batch.
     """
     if not 0.0 < clip < 1.0:
         raise ValueError(f"clip must be in (0, 1), got {clip}")
     if advantages.dim() == 1:
+        if advantages.shape[0] != log_probs.shape[0]:
+            raise ValueError(
+                f"advantages {tuple(advantages.shape)} and log_probs "
+                f"{tuple(log_probs.shape)} differ in their number of sequences"
+            )
         advantages = advantages[:, None].expand_as(log_probs)
     _check_per_token(
         mask, log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages
     )
-    advantages = advantages.detach().to(log_probs.dtype)
-    ratio = torch.exp(log_probs - old_log_probs.detach())
+    # detached inputs zeroed where masked, so a NaN there cannot reach a gradient
+    advantages = torch.where(mask, advantages.detach(), 0.0).to(log_probs.dtype)
+    old_log_probs = torch.where(mask, old_log_probs.detach(), 0.0)
+    ratio = torch.exp(log_probs - old_log_probs)
     surrogate = torch.minimum(
         ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
     )
-    return -(surrogate * mask).sum() / mask.sum()
+    return aggregate_tokens(-surrogate, mask, aggregate, constant)
 
 
 KL_KINDS: tuple[str, ...] = ("k1", "k3")
 
 
 def kl_penalty(
-    log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, kind: str = "k1"
+    log_probs: Tensor,
+    ref_log_probs: Tensor,
+    mask: Tensor,
+    kind: str = "k1",
+    reduce: str = "sum",
 ) -> Tensor:
-    """Per-sequence estimates (B,) of KL(pi || ref) from tokens sampled from ``pi``.
+    """Estimates of KL(pi || ref) from tokens sampled from ``pi``: per sequence (N,) or
+    per token (N, T).
 
-    Sums over the masked tokens of (B, T) per-token estimates, with
-    ``d = ref_log_probs - log_probs``: ``k1 = -d`` (unbiased, can be negative) or
-    ``k3 = exp(d) - 1 - d`` (unbiased and never negative, lower variance; Schulman 2020).
-    Each has the sequence KL as its expectation under ``pi``.
+    With ``d = ref_log_probs - log_probs`` per token: ``k1 = -d = log pi - log ref``
+    (unbiased, can be negative) or ``k3 = exp(d) - d - 1 = pi_ref/pi - log(pi_ref/pi)
+    - 1`` (unbiased and never negative, lower variance; Schulman 2020; GRPO's KL
+    term). Each token's estimate has that token's KL(pi(.|prefix) || ref(.|prefix)) as
+    its expectation under ``pi``, so their sum estimates the sequence KL. ``reduce``:
+    ``"sum"`` over the masked tokens of each sequence (N,), or ``"none"``: the (N, T)
+    per-token estimates, 0 at masked positions (a per-token reward shaping or a loss
+    term for :func:`aggregate_tokens`). Gradients flow through both inputs.
     """
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_KINDS}")
+    if reduce not in ("sum", "none"):
+        raise ValueError(f"reduce must be 'sum' or 'none', got {reduce!r}")
     _check_per_token(mask, log_probs=log_probs, ref_log_probs=ref_log_probs)
     difference = ref_log_probs - log_probs
     terms = -difference if kind == "k1" else torch.expm1(difference) - difference
-    return torch.where(mask, terms, torch.zeros_like(terms)).sum(dim=1)
+    per_token = torch.where(mask, terms, torch.zeros_like(terms))
+    return per_token if reduce == "none" else per_token.sum(dim=1)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float | None = None,
+    aggregate: str = "token-mean",
+) -> Tensor:
+    """The critic's loss, ``0.5 (V - G)^2`` per real token, aggregated by
+    :func:`aggregate_tokens` (all (N, T)).
+
+    With ``clip`` (PPO's value clipping), per token
+    ``0.5 max((V - G)^2, (V_old + clip(V - V_old, -clip, clip) - G)^2)``: the value
+    gains nothing by moving more than ``clip`` from its sampling-time estimate
+    ``old_values``. ``old_values`` and ``returns`` are detached.
+    """
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive or None, got {clip}")
+    _check_per_token(mask, values=values, old_values=old_values, returns=returns)
+    # detached targets zeroed where masked, so a NaN there cannot reach a gradient
+    returns = torch.where(mask, returns.detach(), torch.zeros_like(returns))
+    old_values = torch.where(mask, old_values.detach(), torch.zeros_like(old_values))
+    squared = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        squared = torch.maximum(squared, (clipped - returns) ** 2)
+    return aggregate_tokens(0.5 * squared, mask, aggregate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +632,11 @@ class TabularSequencePolicy:
                 f"{estimator.name} needs a greedy decode or a training history, "
                 "which the toy policy does not have"
             )
+        if estimator.token_level or estimator.needs_values:
+            raise ValueError(
+                f"{estimator.name} works per token from values; the toy's estimates "
+                "are per sequence"
+            )
         m = samples_per_estimate
         seqs = self.sample(estimates * m, generator)
         rewards = reward(seqs).to(self.theta.dtype).reshape(estimates, m)
@@ -420,14 +696,26 @@ class Decoding:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
 
 
+def _group_rows(sources: Tensor, k: int) -> Tensor:
+    """The rows (B'*K,) of the samples of ``sources`` (B',) when each has K in a row."""
+    return (sources[:, None] * k + torch.arange(k, device=sources.device)).reshape(-1)
+
+
 @dataclass
 class Rollout:
-    """K sampled translations per source and what the losses need of them.
+    """K sampled continuations per source and what the losses need of them.
 
-    ``tokens`` (B*K, T) start with BOS; ``src`` (B*K, S) is each source repeated K times;
+    ``tokens`` (B*K, T) start with BOS; ``src`` (B*K, S) is each source repeated K times
+    (for a decoder-only model, what the samples are conditioned on: the prompt);
     ``rewards`` (B, K); ``greedy_rewards`` (B,) when the decoding asked for them;
     ``log_probs`` (B*K, T-1) are the sampling-time per-token log-probabilities under the
-    policy and ``mask`` (B*K, T-1) marks the tokens up to and including each EOS.
+    policy and ``mask`` (B*K, T-1) marks the tokens that count (for a translation: up
+    to and including each EOS). What an RLHF sampler may add, all (B*K, T-1) and
+    aligned with ``mask``: ``ref_log_probs`` under the frozen reference policy,
+    ``values`` (the value head's estimates, what ``gae`` needs) and
+    ``token_rewards`` (per-token rewards, e.g. a KL penalty on every token and the
+    sequence reward on the last). ``stats``: numbers the sampler wants logged once per
+    update (they go to :attr:`FineTuneHistory.extra`).
     """
 
     tokens: Tensor
@@ -438,6 +726,45 @@ class Rollout:
     mask: Tensor
     decoding: Decoding
     hypotheses: list[str] = field(default_factory=list)
+    ref_log_probs: Tensor | None = None
+    values: Tensor | None = None
+    token_rewards: Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def select(self, sources: Tensor) -> Rollout:
+        """The rollout of the sources ``sources`` (a 1-d index into the B sources), all
+        K samples of each, in that order (a minibatch of whole groups)."""
+        b, k = self.rewards.shape
+        if sources.dim() != 1 or sources.numel() == 0:
+            raise ValueError(
+                f"sources must be a non-empty 1-d index, got {tuple(sources.shape)}"
+            )
+        if int(sources.min()) < 0 or int(sources.max()) >= b:
+            raise ValueError(f"source index outside 0..{b - 1}")
+        sources = sources.to(self.rewards.device)
+        rows = _group_rows(sources, k)
+
+        def pick(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[rows.to(tensor.device)]
+
+        return Rollout(
+            tokens=pick(self.tokens),
+            src=pick(self.src),
+            rewards=self.rewards[sources],
+            greedy_rewards=None
+            if self.greedy_rewards is None
+            else self.greedy_rewards[sources],
+            log_probs=pick(self.log_probs),
+            mask=pick(self.mask),
+            decoding=self.decoding,
+            hypotheses=[self.hypotheses[i] for i in rows.tolist()]
+            if self.hypotheses
+            else [],
+            ref_log_probs=pick(self.ref_log_probs),
+            values=pick(self.values),
+            token_rewards=pick(self.token_rewards),
+            stats=dict(self.stats),
+        )
 
 
 def rollout(
@@ -520,13 +847,19 @@ def policy_log_probs(model: EncoderDecoder, roll: Rollout) -> Tensor:
 class FineTuneHistory:
     """Learning curve of one fine-tuning run: at each evaluated step its seconds of
     training and the evaluation value (``valid_reward``: the expected reward on held-out
-    data), the mean sampled reward of every update, and where the time went."""
+    data); per update the mean sampled reward (``train_reward``), the training seconds
+    so far (``update_seconds``), the gradient norm before clipping (``grad_norm``, the
+    mean over the update's optimizer steps) and any named numbers the sampler or the
+    loss report (``extra``); and where the time went."""
 
     method: str
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     valid_reward: list[float] = field(default_factory=list)
     train_reward: list[float] = field(default_factory=list)
+    update_seconds: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=dict)
     times: StepTimes = field(default_factory=StepTimes)
     total_seconds: float = 0.0
 
@@ -536,13 +869,56 @@ class FineTuneHistory:
         self.seconds.append(seconds)
         self.valid_reward.append(value)
 
+    def log(self, stats: dict[str, float]) -> None:
+        """Append one update's named numbers to :attr:`extra`."""
+        for name, value in stats.items():
+            self.extra.setdefault(name, []).append(float(value))
+
+
+#: ``loss_fn(model, batch, rollout, advantages)``: the loss, or the loss and named
+#: numbers to log (averaged over the update's optimizer steps)
+LossFn = Callable[
+    [nn.Module, Batch, Rollout, Tensor], Tensor | tuple[Tensor, dict[str, float]]
+]
+
+
+def _update_parts(
+    roll: Rollout,
+    advantages: Tensor,
+    estimator: Estimator,
+    epochs: int,
+    minibatches: int,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[Rollout, Tensor]]:
+    """The (rollout, advantages) of each optimizer step of one update: ``epochs``
+    passes, each over ``minibatches`` shuffled minibatches of whole groups (the whole
+    rollout itself, and no random draw, when there is one minibatch)."""
+    sources, k = roll.rewards.shape
+    if minibatches > sources:
+        raise ValueError(
+            f"{minibatches} minibatches of whole groups need at least as many "
+            f"sources, got {sources}"
+        )
+
+    def parts() -> Iterator[tuple[Rollout, Tensor]]:
+        for _ in range(epochs):
+            if minibatches == 1:
+                yield roll, advantages
+                continue
+            order = torch.randperm(sources, generator=generator)
+            for chosen in order.tensor_split(minibatches):
+                rows = _group_rows(chosen, k) if estimator.token_level else chosen
+                yield roll.select(chosen), advantages[rows.to(advantages.device)]
+
+    return parts()
+
 
 def policy_update_loop(
     model: nn.Module,
     batches: Iterator[Batch],
     sample: Callable[[nn.Module, Batch, StepTimes], Rollout],
     estimator: Estimator,
-    loss_fn: Callable[[nn.Module, Batch, Rollout, Tensor], Tensor],
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     steps: int,
     evaluate: Callable[[nn.Module], float],
@@ -551,27 +927,54 @@ def policy_update_loop(
     precision: str = "fp32",
     ma_beta: float = 0.9,
     clip_norm: float = 1.0,
+    epochs: int = 1,
+    minibatches: int = 1,
+    generator: torch.Generator | None = None,
 ) -> FineTuneHistory:
     """``steps`` policy-gradient updates of ``model``; returns its learning curve.
 
     Each update takes the next batch, draws a rollout with ``sample(model, batch,
-    times)`` (which must decode greedily if ``estimator.needs_greedy``), turns its
-    rewards into advantages with ``estimator`` (keeping a :class:`MovingAverage` of
-    rate ``ma_beta`` only if the estimator needs a history), and steps ``optimizer`` on
-    ``loss_fn(model, batch, rollout, advantages)`` with gradients clipped to
-    ``clip_norm``, under autocast in ``precision``. Dropout stays off throughout, so the
-    sampling policy and the differentiated policy coincide. ``evaluate(model)`` is
-    recorded at step 0 (``start_value`` when it is already known), every
-    ``eval_every`` updates and at the end; its time is not counted as training time.
+    times)`` (which must decode greedily if ``estimator.needs_greedy`` and fill
+    ``Rollout.values`` if ``estimator.needs_values``), turns it into advantages with
+    ``estimator.rollout_advantages`` ((B, K), or (B*K, T) for a token-level estimator;
+    keeping a :class:`MovingAverage` of rate ``ma_beta`` only if the estimator needs a
+    history), and then makes ``epochs`` passes over the rollout, each in
+    ``minibatches`` minibatches of whole groups (the B sources shuffled with
+    ``generator`` each pass; with one minibatch nothing is drawn). Each minibatch is
+    one step of ``optimizer`` on ``loss_fn(model, batch, rollout, advantages)`` with
+    that minibatch's rollout (:meth:`Rollout.select`) and advantages (``batch`` is
+    always the whole batch), gradients of ``model``'s parameters clipped to
+    ``clip_norm``, under autocast in ``precision``. Train a value head by making it a
+    submodule of ``model``. A ratio loss takes the rollout's sampling-time
+    ``log_probs`` as the old policy, so the steps after the first of an update are
+    off-policy and its clipping matters (PPO, GRPO with several iterations); with the
+    defaults (one epoch, one minibatch) each rollout makes one on-policy step.
+
+    Dropout stays off throughout, so the sampling policy and the differentiated policy
+    coincide. ``evaluate(model)`` is recorded at step 0 (``start_value`` when it is
+    already known), every ``eval_every`` updates and at the end; its time is not
+    counted as training time. Besides, per update: the rollout's mean reward, the
+    training seconds so far, the mean gradient norm, and in ``history.extra`` the
+    rollout's ``stats`` and the means of the numbers ``loss_fn`` returns.
     """
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be positive, got {eval_every}")
+    if epochs < 1 or minibatches < 1:
+        raise ValueError(
+            f"epochs and minibatches must be positive, got {epochs}, {minibatches}"
+        )
     device_type = next(model.parameters()).device.type
     dtype = autocast_dtype(precision, device_type)
     average = MovingAverage(ma_beta) if estimator.needs_history else None
     history = FineTuneHistory(estimator.name)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(
+            device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        )
+
     elapsed = 0.0
     model.eval()
     history.record(0, elapsed, evaluate(model) if start_value is None else start_value)
@@ -579,26 +982,44 @@ def policy_update_loop(
         began = time.perf_counter()
         batch = next(batches)
         model.eval()
-        with torch.autocast(
-            device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
-        ):
+        with autocast():
             roll = sample(model, batch, history.times)
             back = time.perf_counter()
-            advantages = estimator.advantages(
-                roll.rewards,
-                roll.greedy_rewards,
-                None if average is None else average.value,
+            advantages = estimator.rollout_advantages(
+                roll, None if average is None else average.value
             )
             if average is not None:
                 average.update(roll.rewards)
-            loss = loss_fn(model, batch, roll, advantages)
+            parts = _update_parts(
+                roll, advantages, estimator, epochs, minibatches, generator
+            )
+            # the first step's loss in the sampling's autocast region (whose cached
+            # low-precision weights are still current); each later step's in its own,
+            # since the optimizer has changed the weights by then
+            out = loss_fn(model, batch, *next(parts))
         history.train_reward.append(float(roll.rewards.mean()))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
+        norms: list[float] = []
+        sums: dict[str, float] = {}
+        for index in range(epochs * minibatches):
+            if index > 0:
+                with autocast():
+                    out = loss_fn(model, batch, *next(parts))
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            for name, value in stats.items():
+                value = value.detach() if isinstance(value, Tensor) else value
+                sums[name] = sums.get(name, 0.0) + float(value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(
+                float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm))
+            )
+            optimizer.step()
         history.times.backward += time.perf_counter() - back
         elapsed += time.perf_counter() - began
+        history.update_seconds.append(elapsed)
+        history.grad_norm.append(sum(norms) / len(norms))
+        history.log(roll.stats)
+        history.log({name: total / len(norms) for name, total in sums.items()})
         if step % eval_every == 0 or step == steps:
             model.eval()
             history.record(step, elapsed, evaluate(model))

@@ -311,17 +311,9 @@ class GPT(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
 
-    def forward(
-        self,
-        ids: Tensor,
-        cache: list[KVCache] | None = None,
-        need_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Next-token logits (B, L, vocab) for ``ids`` (B, L).
-
-        With ``cache`` (from :meth:`new_cache`), ``ids`` continue the cached prefix.
-        With ``need_weights`` also returns each layer's attention weights.
-        """
+    def _trunk(
+        self, ids: Tensor, cache: list[KVCache] | None, need_weights: bool
+    ) -> tuple[Tensor, list[Tensor | None]]:
         offset = len(cache[0]) if cache else 0
         x = self.embeddings(ids, offset=offset)
         all_weights = []
@@ -333,8 +325,56 @@ class GPT(nn.Module):
                 need_weights=need_weights,
             )
             all_weights.append(weights)
-        logits = self.head(self.norm(x))
+        return self.norm(x), all_weights
+
+    def hidden_states(self, ids: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        """The final-normed hidden states (B, L, d_model) for ``ids`` (B, L).
+
+        ``self.head(hidden_states(ids))`` are exactly :meth:`forward`'s logits; a
+        :class:`ValueHead` reads the same states (PPO's value function on the policy's
+        trunk). With ``cache``, ``ids`` continue the cached prefix.
+        """
+        return self._trunk(ids, cache, need_weights=False)[0]
+
+    def forward(
+        self,
+        ids: Tensor,
+        cache: list[KVCache] | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Next-token logits (B, L, vocab) for ``ids`` (B, L).
+
+        With ``cache`` (from :meth:`new_cache`), ``ids`` continue the cached prefix.
+        With ``need_weights`` also returns each layer's attention weights.
+        """
+        hidden, all_weights = self._trunk(ids, cache, need_weights)
+        logits = self.head(hidden)
         return (logits, all_weights) if need_weights else logits
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position, ``V = w . h + b``, read from hidden states ``h``.
+
+    PPO's critic: on :meth:`GPT.hidden_states` (B, L, d_model) it returns (B, L), the
+    value of the state after each token. Initialised like the rest of the models
+    (normal(0, 0.02) weight, zero bias).
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        if d_model <= 0:
+            raise ValueError(f"d_model must be positive, got {d_model}")
+        self.linear = nn.Linear(d_model, 1)
+        self.apply(init_weights)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``hidden`` (..., d_model) -> values (...)."""
+        if hidden.dim() < 1 or hidden.shape[-1] != self.linear.in_features:
+            raise ValueError(
+                f"hidden states must end in d_model={self.linear.in_features}, "
+                f"got shape {tuple(hidden.shape)}"
+            )
+        return self.linear(hidden).squeeze(-1)
 
 
 class EncoderDecoder(nn.Module):

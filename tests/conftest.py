@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,16 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def empty_model_cache(tmp_path, monkeypatch):
+    """A cache directory holding only the parsed corpora (copied from the normal cache,
+    parsing again takes about 45 s), so every model a test asks for is trained."""
+    from lmpg_utils import caching, corpora
+
+    corpora.load_bible_verses()
+    for parsed in caching.cache_dir().glob("*.json"):
+        shutil.copy(parsed, tmp_path)
+    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
+    return tmp_path

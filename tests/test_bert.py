@@ -194,6 +194,14 @@ def test_encoding_rejects_empty_and_unknown():
         bert.encode_pairs([[9, 999]], [[9]], SPECIAL, max_len=16)
     with pytest.raises(ValueError, match="unknown token id"):
         bert.encode_single([[9, 200]], SPECIAL, max_len=16)
+    with pytest.raises(ValueError, match="sentence 1 is empty"):
+        bert.encode_single([[9], []], SPECIAL, max_len=16)
+
+
+def test_an_empty_sentence_is_cls_sep_when_allowed():
+    batch = bert.encode_single([[9, 10], []], SPECIAL, max_len=16, allow_empty=True)
+    assert batch.ids[1, :2].tolist() == [SPECIAL.cls, SPECIAL.sep]
+    assert batch.padding_mask[1].tolist() == [False, False, True, True]
 
 
 def test_tokenize_texts_rejects_empty_text():

@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import pytest
 import torch
 
-from lmpg_utils import caching, configs, corpora
+from lmpg_utils import bert, configs
 from lmpg_utils.experiments import ch3_bert as ch3
 
 # --set assignments that shrink the quick profile to a run of seconds on a CPU
 TINY = [
-    "pretrain_steps=6",
-    "pretrain_pairs=200",
+    "pretraining.steps=6",
+    "pretraining.pairs=200",
     "eval_pairs=60",
     "finetune_steps=2",
     "label_counts=8",
     "test_per_class=5",
 ]
 
-# The cache settings of the pre-trained BERT as they were before the model sizes were
-# nested in Config: models cached under them must still be found.
+# The cache settings of the pre-trained BERT: only what determines the model, under
+# the names the cache has always used.
 QUICK_KEY = {
     "vocab_size": 4000,
     "d_model": 128,
@@ -39,13 +38,6 @@ QUICK_KEY = {
     "batch_size": 32,
     "lr": 0.002,
     "warmup_steps": 30,
-    "eval_pairs": 3000,
-    "label_counts": [50, 100, 200, 400],
-    "finetune_steps": 40,
-    "finetune_batch_size": 16,
-    "finetune_lr": 0.001,
-    "test_per_class": 150,
-    "profile": "quick",
 }
 FULL_KEY = {
     "vocab_size": 8000,
@@ -61,28 +53,34 @@ FULL_KEY = {
     "batch_size": 128,
     "lr": 0.001,
     "warmup_steps": 500,
-    "eval_pairs": 3000,
-    "label_counts": [50, 100, 200, 400, 800, 1600],
-    "finetune_steps": 200,
-    "finetune_batch_size": 32,
-    "finetune_lr": 0.0001,
-    "test_per_class": 150,
-    "profile": "full",
 }
 
 
 def test_profiles_keep_the_cache_key_of_the_pretrained_model():
     for profile, expected in (("quick", QUICK_KEY), ("full", FULL_KEY)):
-        settings = ch3.cache_settings(ch3.PROFILES[profile])
+        assert ch3.PROFILES[profile].pretraining is bert.PRETRAINING[profile]
+        settings = ch3.PROFILES[profile].pretraining.cache_settings()
         assert json.dumps(settings, sort_keys=True) == json.dumps(
             expected, sort_keys=True
         )
-    changed = configs.apply_overrides(ch3.PROFILES["quick"], ["model.d_model=64"])
-    assert ch3.cache_settings(changed)["d_model"] == 64
+    changed = configs.apply_overrides(
+        ch3.PROFILES["quick"], ["pretraining.model.d_model=64"]
+    )
+    assert changed.pretraining.cache_settings()["d_model"] == 64
+
+
+def test_evaluation_settings_do_not_name_the_pretrained_model():
+    quick = ch3.PROFILES["quick"]
+    changed = configs.apply_overrides(
+        quick,
+        ["finetune_steps=5", "eval_pairs=10", "label_counts=8", "test_per_class=3"],
+    )
+    assert changed.pretraining == quick.pretraining
+    assert changed.pretraining.cache_settings() == quick.pretraining.cache_settings()
 
 
 def test_the_model_config_is_an_encoder_with_two_segments():
-    config = ch3.PROFILES["full"].model_config(8000)
+    config = ch3.PROFILES["full"].pretraining.model_config()
     assert (config.vocab_size, config.num_segments, config.d_model) == (8000, 2, 256)
     assert config.positional == "learned" and config.max_len == 128
 
@@ -93,17 +91,11 @@ QUICK = ch3.PROFILES["quick"]
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"pretrain_steps": 0}, "pretrain_steps"),
+        ({"finetune_steps": 0}, "finetune_steps"),
         ({"finetune_lr": 0.0}, "finetune_lr"),
-        ({"warmup_steps": -1}, "warmup_steps"),
         ({"label_counts": (2, 100)}, "label_counts"),
         ({"label_counts": [50, 100]}, "label_counts"),
-        ({"batch_size": 30000}, "batch_size"),
-        ({"model": dataclasses.replace(QUICK.model, max_len=2)}, "model.max_len"),
-        (
-            {"model": dataclasses.replace(QUICK.model, num_decoder_layers=2)},
-            "model.num_decoder_layers",
-        ),
+        ({"pretraining": "quick"}, "pretraining"),
     ],
 )
 def test_config_names_the_bad_field(changes, field):
@@ -111,12 +103,42 @@ def test_config_names_the_bad_field(changes, field):
         dataclasses.replace(QUICK, **changes)
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"pairs": 0}, "pairs"),
+        ({"lr": 0.0}, "lr"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"batch_size": 30000}, "batch_size"),
+        (
+            {"model": dataclasses.replace(QUICK.pretraining.model, max_len=2)},
+            "model.max_len",
+        ),
+        (
+            {
+                "model": dataclasses.replace(
+                    QUICK.pretraining.model, num_decoder_layers=2
+                )
+            },
+            "model.num_decoder_layers",
+        ),
+    ],
+)
+def test_pretraining_names_the_bad_field(changes, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        dataclasses.replace(QUICK.pretraining, **changes)
+
+
 def test_overrides_reach_the_nested_model_sizes():
     changed = configs.apply_overrides(
-        QUICK, ["model.num_layers=1", "label_counts=8,16"]
+        QUICK, ["pretraining.model.num_layers=1", "label_counts=8,16"]
     )
-    assert changed.model.num_layers == 1 and changed.label_counts == (8, 16)
-    assert changed.model.d_model == QUICK.model.d_model
+    assert changed.pretraining.model.num_layers == 1
+    assert changed.label_counts == (8, 16)
+    assert changed.pretraining.model.d_model == QUICK.pretraining.model.d_model
+    with pytest.raises(ValueError, match=r"pretraining\.steps"):
+        configs.apply_overrides(QUICK, ["pretraining.steps=0"])
 
 
 @pytest.fixture
@@ -126,16 +148,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def empty_model_cache(tmp_path, monkeypatch):
-    """A cache holding only the parsed corpora (copied), so every model is trained."""
-    corpora.load_bible_verses()
-    for parsed in caching.cache_dir().glob("*.json"):
-        shutil.copy(parsed, tmp_path)
-    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    return tmp_path
 
 
 def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
@@ -148,7 +160,7 @@ def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
     summary = first.summary()
     assert tuple(summary)[: len(configs.SUMMARY_KEYS)] == configs.SUMMARY_KEYS
     assert summary["experiment"] == "bert" and summary["device"] == "cpu"
-    assert summary["config"]["model"]["d_model"] == 128
+    assert summary["config"]["pretraining"]["model"]["d_model"] == 128
     assert json.loads(json.dumps(summary)) == summary
     assert summary["label_counts"] == [8] and summary["nsp_eval_pairs"] == 60
 
@@ -166,3 +178,6 @@ def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
         first.finetune_pretrained,
     )
     assert ch3.run(tiny, seed=1, device="cpu", progress=False).pretrain_cached
+    # fine-tuning settings do not name the pre-trained model: no retraining
+    longer = configs.apply_overrides(tiny, ["finetune_steps=3"])
+    assert ch3.run(longer, seed=0, device="cpu", progress=False).pretrain_cached

@@ -4,11 +4,9 @@ before the experiments were split."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from lmpg_utils import caching, configs, corpora
+from lmpg_utils import configs, corpora
 from lmpg_utils import language_modeling as lm
 from lmpg_utils.experiments import ch1_language_models as ch1
 from lmpg_utils.experiments import ch2_gpt as ch2
@@ -36,16 +34,6 @@ TINY_GPT = [
     "gpt.eval_every=2",
     "gpt.valid_subset=20",
 ]
-
-
-@pytest.fixture
-def empty_model_cache(tmp_path, monkeypatch):
-    """A cache directory with the parsed corpora but no trained model."""
-    corpora.load_bible_verses()  # parsed into the normal cache, then copied
-    for parsed in caching.cache_dir().glob("*.json"):
-        shutil.copy(parsed, tmp_path)
-    monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    return tmp_path
 
 
 def test_chapter_1_trains_once_then_loads_and_summarises(empty_model_cache):
@@ -99,6 +87,14 @@ def test_the_gpt_trained_by_hand_is_the_gpt_that_is_cached(empty_model_cache):
     assert history.losses == fresh.history.losses  # same seed, same draws
     for name, tensor in model.state_dict().items():
         assert tensor.equal(again.model.state_dict()[name]), name
+    # what later chapters call: the same cached model, with its vocabulary
+    loaded = lm.load_gpt(
+        "quick", training=tiny.gpt, vocab_size=500, seed=1, device="cpu"
+    )
+    assert loaded.cached and loaded.vocab.itos == data.vocab.itos
+    assert loaded.history.losses == fresh.history.losses
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        lm.load_gpt("huge", seed=1, device="cpu")
 
 
 def test_cache_keys_hold_what_they_held_before_the_split():
@@ -140,6 +136,18 @@ def test_cache_keys_hold_what_they_held_before_the_split():
 def test_both_chapters_read_the_same_words_in_each_profile():
     for profile in ("quick", "full"):
         assert ch1.PROFILES[profile].vocab_size == ch2.PROFILES[profile].vocab_size
+
+
+def test_chapter_2_profiles_are_the_gpt_profiles_later_chapters_load():
+    assert sorted(lm.GPT_PROFILES) == sorted(lm.GPT_VOCAB_SIZES) == ["full", "quick"]
+    for profile, config in ch2.PROFILES.items():
+        assert config.profile == profile
+        assert config.gpt is lm.GPT_PROFILES[profile]
+        assert config.vocab_size == lm.GPT_VOCAB_SIZES[profile]
+    assert (lm.GPT_VOCAB_SIZES["quick"], lm.GPT_VOCAB_SIZES["full"]) == (6000, 12000)
+    full = lm.GPT_PROFILES["full"]
+    assert (full.model.d_model, full.model.num_layers, full.steps) == (384, 6, 8000)
+    assert (full.lr, full.warmup_steps, full.valid_subset) == (1e-3, 400, 2605)
 
 
 def test_configs_name_the_bad_field():

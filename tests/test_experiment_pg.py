@@ -147,7 +147,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     result = translation.evaluate(model, setup, "valid")
     assert 0.0 <= result.bleu <= 100.0 and len(result.hypotheses) == len(setup.valid)
     variance = ch4.gradient_variance(setup, batches=1, draws=2, batch_size=4)
-    assert set(variance) == {f"variance_{e}" for e in ESTIMATORS} | {
+    assert set(variance) == {f"variance_{e}" for e in ch4.COMPARED} | {
         "reward_sample",
         "reward_greedy",
     }

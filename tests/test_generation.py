@@ -303,3 +303,50 @@ def test_sampled_translations_never_contain_padding_or_bos_before_eos():
     assert not bool(((body == 0) & ~ended).any())  # no PAD before the EOS
     assert not bool((body == 2).any())  # BOS is never generated
     assert bool((valid.sum(1) > 0).all())
+
+
+def _tiny_gpt(seed: int = 0):
+    from lmpg_utils.transformer import GPT, TransformerConfig
+
+    torch.manual_seed(seed)
+    return GPT(TransformerConfig(vocab_size=12, d_model=16, num_heads=2, num_layers=1,
+                                 d_ff=32, max_len=16, dropout=0.0)).eval()  # fmt: skip
+
+
+def test_sampled_continuations_are_scored_by_the_same_policy():
+    from lmpg_utils.generation import continuation_log_probs, sample_continuations
+
+    model = _tiny_gpt()
+    prompts = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 4]])
+    generator = torch.Generator().manual_seed(0)
+    tokens, log_probs, mask = sample_continuations(
+        model, prompts, 8, eos_id=2, pad_id=0, forbidden=(1,), generator=generator
+    )
+    assert tokens.shape == log_probs.shape == mask.shape and tokens.shape[0] == 3
+    assert not bool(((tokens == 1) | ((tokens == 0) & mask)).any())  # never BOS/PAD
+    for row in range(3):  # mask: up to and including the first EOS, PAD after it
+        ends = (tokens[row] == 2).nonzero()
+        length = int(ends[0]) + 1 if len(ends) else tokens.shape[1]
+        assert mask[row].tolist() == [True] * length + [False] * (
+            tokens.shape[1] - length
+        )
+        assert bool((tokens[row, length:] == 0).all())
+    scored = continuation_log_probs(
+        model, prompts, tokens, mask, pad_id=0, forbidden=(1,)
+    )
+    assert torch.allclose(scored, log_probs, atol=1e-5)
+    assert bool((log_probs[~mask] == 0).all()) and bool((log_probs[mask] < 0).all())
+    scored.sum().backward()  # differentiable, and finite despite PAD after EOS
+    assert all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
+
+
+def test_sampling_continuations_rejects_what_does_not_fit():
+    from lmpg_utils.generation import sample_continuations
+
+    model = _tiny_gpt()
+    with pytest.raises(ValueError, match="max_len"):
+        sample_continuations(model, torch.ones(2, 10, dtype=torch.long), 8, 2, 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample_continuations(model, torch.ones(2, 3, dtype=torch.long), 0, 2, 0)

@@ -68,3 +68,15 @@ def test_length_penalty_punishes_only_the_long_side():
         sentence_rewards([ref], [ref], length_penalty=-1.0)
     with pytest.raises(ValueError, match="strength must be >= 0"):
         long_side_penalty(3, 2, -0.5)
+
+
+def test_distinct_n_counts_distinct_ngrams_over_all_texts():
+    from lmpg_utils.metrics import distinct_n
+
+    assert distinct_n(["a b c", "a b d"], 2) == 3 / 4  # (a b) twice, (b c), (b d)
+    assert distinct_n(["a a a a"], 1) == 1 / 4
+    assert distinct_n(["a b", "c"], 2) == 1.0  # "c" has no bigram
+    with pytest.raises(ValueError, match="no 2-gram"):
+        distinct_n(["a", "b"], 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        distinct_n(["a b"], 0)

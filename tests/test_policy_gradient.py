@@ -1,15 +1,15 @@
-"""Policy gradient parts: estimators, losses (REINFORCE, clipped ratio, KL), bad input,
-and unbiasedness on an enumerable policy."""
+"""Policy gradient parts: the REINFORCE baselines and loss, bad input, and unbiasedness on
+an enumerable policy (the RLHF parts are tested in test_rlhf_parts.py)."""
 
 import pytest
 import torch
 
 from lmpg_utils.policy_gradient import (
     ESTIMATORS,
+    Decoding,
     MovingAverage,
+    Rollout,
     TabularSequencePolicy,
-    clipped_ratio_loss,
-    kl_penalty,
     leave_one_out_baseline,
     reinforce_loss,
 )
@@ -48,6 +48,8 @@ def test_baselines_per_estimator():
     # each estimator declares what it needs; the registry is the one list of names
     assert [e for e, x in ESTIMATORS.items() if x.needs_greedy] == ["self-critical"]
     assert [e for e, x in ESTIMATORS.items() if x.needs_history] == ["moving-average"]
+    assert [e for e, x in ESTIMATORS.items() if x.needs_values] == ["gae"]
+    assert [e for e, x in ESTIMATORS.items() if x.token_level] == ["gae"]
     assert loo.min_samples == 2
     assert all(name == e.name for name, e in ESTIMATORS.items())
     assert list(ESTIMATORS) == [
@@ -55,7 +57,25 @@ def test_baselines_per_estimator():
         "moving-average",
         "self-critical",
         "leave-one-out",
+        "group-normalized",
+        "group-mean",
+        "gae",
     ]
+    # a sequence-level estimator's rollout advantages are its advantages of the rewards
+    roll = Rollout(
+        tokens=torch.zeros(4, 2, dtype=torch.long),
+        src=torch.zeros(4, 1, dtype=torch.long),
+        rewards=rewards,
+        greedy_rewards=greedy,
+        log_probs=torch.zeros(4, 1),
+        mask=torch.ones(4, 1, dtype=torch.bool),
+        decoding=Decoding(samples=2, max_len=1, bos_id=0, eos_id=1, pad_id=2),
+    )
+    for name in ("self-critical", "leave-one-out", "group-normalized"):
+        assert torch.equal(
+            ESTIMATORS[name].rollout_advantages(roll),
+            ESTIMATORS[name].advantages(rewards, greedy),
+        )
 
 
 def test_nan_rewards_rejected():
@@ -143,61 +163,5 @@ def test_baseline_lowers_toy_variance():
     for name in ("self-critical", "moving-average"):  # the toy has no greedy or history
         with pytest.raises(ValueError, match="greedy decode or a training history"):
             policy.reinforce_estimates(reward, 8, 10, ESTIMATORS[name], g)
-
-
-def test_clipped_ratio_loss_has_no_gradient_outside_the_clip_region():
-    old = torch.zeros(1, 4)
-    # ratios exp(.) = 1.5, 0.5, 1.1, 0.9 on four tokens; clip 0.2: the first two are outside
-    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_(True)
-    mask = torch.tensor([[True, True, True, True]])
-    clipped_ratio_loss(new, old, torch.tensor([1.0]), mask, clip=0.2).backward()
-    grad = new.grad[0]
-    # positive advantage: a ratio above 1 + clip is clipped (no gradient); below 1 - clip
-    # the unclipped term is the smaller one, so its gradient remains
-    assert grad[0] == 0.0 and grad[1] != 0.0 and grad[2] != 0.0 and grad[3] != 0.0
-    # -d/dlogp (r A) / n_tokens = -r / 4 where unclipped
-    assert torch.allclose(grad[1:], -torch.tensor([0.5, 1.1, 0.9]) / 4)
-    new.grad = None
-    clipped_ratio_loss(new, old, torch.tensor([-1.0]), mask, clip=0.2).backward()
-    # negative advantage: now the ratio below 1 - clip is the clipped, gradient-free one
-    assert new.grad[0, 1] == 0.0 and new.grad[0, 0] != 0.0
-    # a masked token neither counts nor gets a gradient; at ratio 1 the loss is -mean(A)
-    new.grad = None
-    half = torch.tensor([[True, True, False, False]])
-    loss = clipped_ratio_loss(
-        old.clone().requires_grad_(True),
-        old,
-        torch.tensor([[2.0, 4.0, 9.0, 9.0]]),
-        half,
-    )
-    assert float(loss.detach()) == pytest.approx(-3.0)
-    with pytest.raises(ValueError, match="clip"):
-        clipped_ratio_loss(new, old, torch.tensor([1.0]), mask, clip=1.5)
-    with pytest.raises(ValueError, match="differ"):
-        clipped_ratio_loss(new, old[:, :3], torch.tensor([1.0]), mask)
-
-
-def test_kl_penalty_estimators_match_the_exact_kl():
-    pi = torch.tensor([0.5, 0.3, 0.2])
-    ref = torch.tensor([0.2, 0.2, 0.6])
-    exact = float((pi * (pi / ref).log()).sum())
-    # every outcome once, as a one-token sequence, weighted by its probability under pi
-    logp, ref_logp = pi.log()[:, None], ref.log()[:, None]
-    mask = torch.ones(3, 1, dtype=torch.bool)
-    for kind in ("k1", "k3"):
-        per_outcome = kl_penalty(logp, ref_logp, mask, kind)
-        assert float((pi * per_outcome).sum()) == pytest.approx(exact, rel=1e-5)
-    k1, k3 = (
-        kl_penalty(logp, ref_logp, mask, "k1"),
-        kl_penalty(logp, ref_logp, mask, "k3"),
-    )
-    assert bool((k1 < 0).any()) and bool((k3 >= 0).all())  # k1 can be negative, k3 not
-    # a sequence's estimate sums its unmasked tokens only
-    two = kl_penalty(
-        torch.log(torch.tensor([[0.5, 0.5]])),
-        torch.log(torch.tensor([[0.25, 0.1]])),
-        torch.tensor([[True, False]]),
-    )
-    assert float(two) == pytest.approx(float(torch.tensor(2.0).log()))
-    with pytest.raises(ValueError, match="unknown KL estimator"):
-        kl_penalty(logp, ref_logp, mask, "k2")
+    with pytest.raises(ValueError, match="per token"):
+        policy.reinforce_estimates(reward, 8, 10, ESTIMATORS["gae"], g)

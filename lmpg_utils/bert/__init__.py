@@ -14,8 +14,9 @@ The parts, from the bottom up (each name below is also importable from here):
 * :mod:`~lmpg_utils.bert.evaluation`: MLM/NSP accuracy against trivial baselines,
   classifier accuracy.
 * :mod:`~lmpg_utils.bert.book_groups`: the book-group classification task.
-* :mod:`~lmpg_utils.bert.pretrained`: the chapter's tokenizer and its cached
-  pre-trained model.
+* :mod:`~lmpg_utils.bert.pretrained`: the pre-training settings of each profile
+  (:data:`PRETRAINING`), the chapter's tokenizer and its cached pre-trained model
+  (:func:`load_pretrained`, which later chapters call).
 """
 
 from .book_groups import (
@@ -62,8 +63,12 @@ from .masking import (
 from .model import BertClassifier, BertModel
 from .pretrained import (
     CACHE_KIND,
+    PRETRAINING,
     PretrainedBert,
-    load_or_pretrain,
+    Pretraining,
+    load_pretrained,
+    pretraining_data,
+    tokenizer_hash,
     train_bible_tokenizer,
 )
 from .training import (
@@ -85,6 +90,7 @@ __all__ = [
     "MLM_KINDS",
     "NEGATIVE_KINDS",
     "NOT_CHOSEN",
+    "PRETRAINING",
     "RANDOM",
     "ROUND_SEED_STEP",
     "BertClassifier",
@@ -93,6 +99,7 @@ __all__ = [
     "MaskedTokens",
     "PretrainHistory",
     "PretrainedBert",
+    "Pretraining",
     "PretrainingBatch",
     "SentencePair",
     "SpecialIds",
@@ -107,7 +114,7 @@ __all__ = [
     "encode_single",
     "evaluate_pretraining",
     "fine_tune",
-    "load_or_pretrain",
+    "load_pretrained",
     "make_nsp_pairs",
     "make_pretraining_batch",
     "mask_tokens",
@@ -116,10 +123,12 @@ __all__ = [
     "most_frequent_token",
     "nsp_targets",
     "pretrain",
+    "pretraining_data",
     "pretraining_loss",
     "pretraining_pairs",
     "shuffled_batches",
     "tokenize_texts",
+    "tokenizer_hash",
     "train_bible_tokenizer",
     "train_book_group_classifier",
     "truncate_pair",

@@ -150,13 +150,15 @@ def train_book_group_classifier(
     init_seed: int,
     batch_seed: int,
     device: torch.device | str,
+    progress: bool = False,
 ) -> BertClassifier:
     """A book-group classifier fine-tuned on ``labelled`` (:func:`~lmpg_utils.bert.training.fine_tune`).
 
     Its encoder starts from ``pretrained_state`` (a :class:`BertModel` state dict), or
     from scratch when that is ``None``. The weights are drawn on the CPU after seeding
     with ``init_seed`` (so every device starts from the same ones), then moved to
-    ``device``; ``batch_seed`` orders the fine-tuning batches.
+    ``device``; ``batch_seed`` orders the fine-tuning batches. ``progress`` shows a
+    progress bar.
     """
     torch.manual_seed(init_seed)
     encoder = BertModel(model_config)
@@ -170,5 +172,6 @@ def train_book_group_classifier(
         batch_size=batch_size,
         lr=lr,
         seed=batch_seed,
+        progress=progress,
     )
     return classifier

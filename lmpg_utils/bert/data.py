@@ -315,8 +315,13 @@ def encode_single(
     special: SpecialIds,
     max_len: int,
     labels: Sequence[int] | None = None,
+    allow_empty: bool = False,
 ) -> EncodedBatch:
-    """``[CLS] A [SEP]`` (segment 0) for classification; too long sequences lose their end (counted)."""
+    """``[CLS] A [SEP]`` (segment 0) for classification; too long sequences lose their end (counted).
+
+    An empty sentence is a ``ValueError`` unless ``allow_empty`` (then it is ``[CLS]
+    [SEP]``: a judge of generated text must score an empty continuation too).
+    """
     if not ids_list:
         raise ValueError("no sentences to encode")
     if labels is not None and len(labels) != len(ids_list):
@@ -325,9 +330,9 @@ def encode_single(
         raise ValueError(f"max_len must be at least 3, got {max_len}")
     rows, truncated = [], 0
     for i, a in enumerate(ids_list):
-        if not a:
+        if not a and not allow_empty:
             raise ValueError(f"sentence {i} is empty")
-        check_known_ids(torch.tensor(list(a)), special.vocab_size)
+        check_known_ids(torch.tensor(list(a), dtype=torch.long), special.vocab_size)
         truncated += len(a) > max_len - 2
         rows.append([special.cls, *list(a)[: max_len - 2], special.sep])
     return _encoded(rows, [[0] * len(r) for r in rows], special, labels, truncated)

@@ -4,7 +4,7 @@ The data, vocabulary and perplexity contract are those of
 :mod:`lmpg_utils.language_modeling` (each verse framed as ``<s> w_1 .. w_n </s>``,
 perplexity over every word and ``</s>``), with the same vocabulary size as chapter 1's
 profile of the same name, so the GPT's number sits in one table with the n-gram's and
-the LSTM's. The GPT is trained once and cached (:func:`~lmpg_utils.language_modeling.cached_gpt`),
+the LSTM's. The GPT is trained once and cached (:func:`~lmpg_utils.language_modeling.load_gpt`),
 then scored next to the Kneser-Ney model picked on validation.
 """
 
@@ -19,7 +19,7 @@ from .. import configs
 from .. import language_modeling as lm
 from ..tokenization import WordVocab
 from ..training import TrainHistory
-from ..transformer import GPT, ModelSizes, count_parameters
+from ..transformer import GPT, count_parameters
 
 NAME = "gpt"
 
@@ -30,7 +30,7 @@ class Config:
     (``gpt``), and the n-gram orders of the baseline."""
 
     profile: str = "quick"
-    vocab_size: int = 6000
+    vocab_size: int = lm.GPT_VOCAB_SIZES["quick"]
     gpt: lm.GPTTraining = lm.GPTTraining()
     ngram_orders: tuple[int, ...] = (3, 4, 5)
 
@@ -39,30 +39,10 @@ class Config:
         lm.check_settings(self.vocab_size, self.ngram_orders)
 
 
+#: the GPT of each profile is :data:`lmpg_utils.language_modeling.GPT_PROFILES`'s
 PROFILES = {
-    # trained once (cached), about 9 minutes on 2 CPU cores: 3,000 steps of 64 verses
-    "quick": Config(gpt=lm.GPTTraining(eval_every=300)),
-    # minutes on a GPU: a 6-layer model, many epochs, more regularisation
-    "full": Config(
-        profile="full",
-        vocab_size=12000,
-        gpt=lm.GPTTraining(
-            model=ModelSizes(
-                d_model=384,
-                num_heads=6,
-                num_layers=6,
-                d_ff=1536,
-                max_len=256,
-                dropout=0.2,
-            ),
-            lr=1e-3,
-            warmup_steps=400,
-            steps=8000,
-            batch_size=64,
-            eval_every=1000,
-            valid_subset=2605,
-        ),
-    ),
+    name: Config(profile=name, vocab_size=lm.GPT_VOCAB_SIZES[name], gpt=training)
+    for name, training in lm.GPT_PROFILES.items()
 }
 
 
@@ -119,10 +99,10 @@ def prepare_models(
     progress: bool = True,
 ) -> None:
     """Train (or find in the cache) the GPT that chapter 2 and later chapters load."""
-    lm.cached_gpt(
-        config.gpt,
-        lm.word_data(config.vocab_size),
-        profile=config.profile,
+    lm.load_gpt(
+        config.profile,
+        training=config.gpt,
+        vocab_size=config.vocab_size,
         seed=seed,
         device=device,
         progress=progress,
@@ -143,16 +123,16 @@ def run(
     periodic evaluations during training use the first ``valid_subset`` verses.
     """
     began = time.perf_counter()
-    data = lm.word_data(config.vocab_size)
-    vocab = data.vocab
-    trained = lm.cached_gpt(
-        config.gpt,
-        data,
-        profile=config.profile,
+    trained = lm.load_gpt(
+        config.profile,
+        training=config.gpt,
+        vocab_size=config.vocab_size,
         seed=seed,
         device=device,
         progress=progress,
     )
+    data = lm.word_data(config.vocab_size)
+    vocab = data.vocab
     nll, count = lm.total_nll(trained.model, data.valid, vocab)
     val_loss = nll / count
     test_perplexity = lm.gpt_perplexity(trained.model, data.test, vocab)

@@ -3,10 +3,11 @@ Bible, then fine-tune it on a few labelled verses and compare with training from
 
 :func:`run` does, deterministically for a given configuration and seed:
 
-1. train a BPE tokenizer on the train-split verses and build NSP pairs (50% IsNext,
-   50% a random verse from another chapter) from them (:func:`load_data`);
-2. pre-train :class:`~lmpg_utils.bert.BertModel` for a fixed number of steps, or load
-   the model a previous run cached (:func:`pretrained_bert`);
+1. train a BPE tokenizer on the train-split verses, build NSP pairs (50% IsNext, 50% a
+   random verse from another chapter) from them, and pre-train
+   :class:`~lmpg_utils.bert.BertModel` for a fixed number of steps, or load the model
+   a previous run cached (:func:`lmpg_utils.bert.load_pretrained`);
+2. load the verses and the encoded pre-training pairs (:func:`load_data`);
 3. measure held-out MLM accuracy (masked positions of valid-split pairs) and NSP
    accuracy against their trivial baselines (:func:`evaluate_objectives`);
 4. measure NSP accuracy on two harder test sets whose negatives come from another book
@@ -31,7 +32,7 @@ import torch
 
 from .. import bert, configs, corpora, runtime
 from ..tokenization import BPETokenizer
-from ..transformer import ModelSizes, TransformerConfig, count_parameters
+from ..transformer import count_parameters
 
 NAME = "bert"
 
@@ -50,13 +51,10 @@ SEED_OFFSETS: dict[str, int] = {
 }
 
 _POSITIVE = (
-    "vocab_size",
-    "pretrain_pairs",
-    "pretrain_steps",
-    "batch_size",
     "eval_pairs",
     "finetune_steps",
     "finetune_batch_size",
+    "finetune_lr",
     "test_per_class",
 )
 
@@ -64,29 +62,12 @@ _POSITIVE = (
 @dataclass(frozen=True)
 class Config:
     """Sizes and budgets of one run; the defaults are the ``quick`` profile. Step
-    budgets (not wall clock) keep results reproducible."""
+    budgets (not wall clock) keep results reproducible. ``pretraining`` is everything
+    that determines the pre-trained BERT (its tokenizer size, encoder sizes, data and
+    budget: :class:`~lmpg_utils.bert.Pretraining`); the other fields only evaluate it."""
 
     profile: str = "quick"
-    vocab_size: int = 4000  # BPE tokens, BERT's specials included
-    # The encoder; BERT adds two segments (sentence A and B) to it. Fixed sinusoidal
-    # positions and no dropout: in a CPU budget of a few thousand steps, learned
-    # position embeddings leave the "predict frequent tokens" plateau much later.
-    model: ModelSizes = ModelSizes(
-        d_model=128,
-        num_heads=4,
-        num_layers=2,
-        d_ff=256,
-        max_len=64,
-        dropout=0.0,
-        positional="sinusoidal",
-    )
-    pretrain_pairs: int = 20000  # NSP pairs from the train split
-    # 2,400 steps: the NSP loss sits at ln 2 for the first 1,000-1,500 steps (seeds
-    # 0-2); 1,200 steps left NSP at chance for seed 1 (0.501) and let it start for others.
-    pretrain_steps: int = 2400
-    batch_size: int = 32  # pre-training pairs per step
-    lr: float = 2e-3  # pre-training peak learning rate
-    warmup_steps: int = 30  # pre-training warm-up
+    pretraining: bert.Pretraining = bert.PRETRAINING["quick"]
     eval_pairs: int = 3000  # pairs of each NSP evaluation set (at most)
     label_counts: tuple[int, ...] = (50, 100, 200, 400)  # labelled verses per sweep
     finetune_steps: int = 40
@@ -96,19 +77,13 @@ class Config:
 
     def __post_init__(self) -> None:
         configs.check_profile(self.profile)
+        if not isinstance(self.pretraining, bert.Pretraining):
+            raise ValueError(
+                f"pretraining must be bert.Pretraining, got {type(self.pretraining)}"
+            )
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "finetune_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.batch_size > self.pretrain_pairs:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must not exceed pretrain_pairs "
-                f"({self.pretrain_pairs})"
-            )
         groups = len(bert.BOOK_GROUPS)
         if (
             not isinstance(self.label_counts, tuple)
@@ -119,44 +94,13 @@ class Config:
                 f"label_counts must be a tuple of counts of at least {groups} each, "
                 f"got {self.label_counts!r}"
             )
-        if not isinstance(self.model, ModelSizes):
-            raise ValueError(f"model must be ModelSizes, got {type(self.model)}")
-        if self.model.max_len < 3:
-            raise ValueError(
-                f"model.max_len must be at least 3 ([CLS] A [SEP]), got "
-                f"{self.model.max_len}"
-            )
-        if self.model.num_decoder_layers is not None:
-            raise ValueError(
-                "model.num_decoder_layers must be None: BERT is an encoder, got "
-                f"{self.model.num_decoder_layers}"
-            )
-
-    def model_config(self, vocab_size: int) -> TransformerConfig:
-        """The BERT encoder's full configuration for a tokenizer of ``vocab_size``."""
-        return self.model.with_vocab(vocab_size, num_segments=2)
 
 
 PROFILES: dict[str, Config] = {
-    # minutes on 2 CPU cores; the defaults above explain its choices
     "quick": Config(),
     "full": Config(
         profile="full",
-        vocab_size=8000,
-        model=ModelSizes(
-            d_model=256,
-            num_heads=8,
-            num_layers=4,
-            d_ff=1024,
-            max_len=128,
-            dropout=0.1,
-            positional="learned",
-        ),
-        pretrain_pairs=300_000,
-        pretrain_steps=5000,  # about 10 min on a Colab T4 (benchmarks/estimate_full_profiles.py)
-        batch_size=128,
-        lr=1e-3,
-        warmup_steps=500,
+        pretraining=bert.PRETRAINING["full"],
         eval_pairs=3000,
         label_counts=(50, 100, 200, 400, 800, 1600),
         finetune_steps=200,
@@ -165,35 +109,6 @@ PROFILES: dict[str, Config] = {
         test_per_class=150,
     ),
 }
-
-
-def cache_settings(config: Config) -> dict[str, Any]:
-    """The settings that name the pre-trained model in the cache (with the seed and the
-    tokenizer's hash): the configuration flattened, exactly as before the model sizes
-    were nested, so models cached then are found again."""
-    sizes = config.model
-    return {
-        "vocab_size": config.vocab_size,
-        "d_model": sizes.d_model,
-        "num_heads": sizes.num_heads,
-        "num_layers": sizes.num_layers,
-        "d_ff": sizes.d_ff,
-        "max_len": sizes.max_len,
-        "dropout": sizes.dropout,
-        "positional": sizes.positional,
-        "pretrain_pairs": config.pretrain_pairs,
-        "pretrain_steps": config.pretrain_steps,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "warmup_steps": config.warmup_steps,
-        "eval_pairs": config.eval_pairs,
-        "label_counts": list(config.label_counts),
-        "finetune_steps": config.finetune_steps,
-        "finetune_batch_size": config.finetune_batch_size,
-        "finetune_lr": config.finetune_lr,
-        "test_per_class": config.test_per_class,
-        "profile": config.profile,
-    }
 
 
 @dataclass
@@ -267,50 +182,23 @@ class ChapterData:
     pretraining: bert.EncodedBatch
 
 
-def load_data(config: Config, seed: int) -> ChapterData:
-    """Step 1: the verses, the tokenizer and the encoded NSP pre-training pairs."""
-    tokenizer = bert.train_bible_tokenizer(config.vocab_size)
-    if len(tokenizer) != config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens, the config needs "
-            f"{config.vocab_size}"
-        )
-    special = bert.SpecialIds.from_tokenizer(tokenizer)
-    train = corpora.load_bible_verses("train")
-    pairs = bert.pretraining_pairs(
-        train, config.pretrain_pairs, seed + SEED_OFFSETS["pretraining"]
-    )
+def load_data(
+    config: Config, pretrained: bert.PretrainedBert, seed: int
+) -> ChapterData:
+    """The verses and the encoded NSP pre-training pairs (the MLM baseline and the
+    truncation count are measured on them), with the pre-trained model's tokenizer."""
     return ChapterData(
-        tokenizer,
-        special,
-        train,
+        pretrained.tokenizer,
+        pretrained.special,
+        corpora.load_bible_verses("train"),
         corpora.load_bible_verses("valid"),
         corpora.load_bible_verses("test"),
-        bert.encode_nsp(tokenizer, pairs, special, config.model.max_len),
-    )
-
-
-def pretrained_bert(
-    config: Config,
-    data: ChapterData,
-    seed: int,
-    device: torch.device,
-    progress: bool,
-) -> bert.PretrainedBert:
-    """Step 2: the pre-trained BERT, loaded from the cache or pre-trained now."""
-    return bert.load_or_pretrain(
-        config.model_config(len(data.tokenizer)),
-        data.pretraining,
-        data.special,
-        data.tokenizer,
-        steps=config.pretrain_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_steps=config.warmup_steps,
-        seed=seed + SEED_OFFSETS["pretraining"],
-        device=device,
-        cache_settings=cache_settings(config),
-        progress=progress,
+        bert.pretraining_data(
+            config.pretraining,
+            pretrained.tokenizer,
+            pretrained.special,
+            seed + SEED_OFFSETS["pretraining"],
+        ),
     )
 
 
@@ -339,7 +227,7 @@ def evaluate_objectives(
         limit=config.eval_pairs,
     )
     held_out = bert.encode_nsp(
-        data.tokenizer, pairs, data.special, config.model.max_len
+        data.tokenizer, pairs, data.special, config.pretraining.model.max_len
     )
     # specials (padding) are not counted
     top_token, _ = bert.most_frequent_token(data.pretraining.ids, data.special)
@@ -384,7 +272,10 @@ def evaluate_nsp_negatives(
             bert.evaluate_pretraining(
                 model,
                 bert.encode_nsp(
-                    data.tokenizer, pairs, data.special, config.model.max_len
+                    data.tokenizer,
+                    pairs,
+                    data.special,
+                    config.pretraining.model.max_len,
                 ),
                 data.special,
                 seed=seed + SEED_OFFSETS["test_masking"],
@@ -403,7 +294,7 @@ def book_group_test_set(
     return bert.encode_single(
         bert.tokenize_texts(data.tokenizer, texts),
         data.special,
-        config.model.max_len,
+        config.pretraining.model.max_len,
         labels,
     )
 
@@ -442,7 +333,7 @@ def fine_tuning_sweep(
         labelled = bert.encode_single(
             [pool_ids[i] for i in chosen],
             data.special,
-            config.model.max_len,
+            config.pretraining.model.max_len,
             [pool_labels[i] for i in chosen],
         )
         for state, accuracies in (
@@ -450,7 +341,7 @@ def fine_tuning_sweep(
             (None, scores.scratch),
         ):
             classifier = bert.train_book_group_classifier(
-                config.model_config(len(data.tokenizer)),
+                config.pretraining.model_config(),
                 labelled,
                 state,
                 steps=config.finetune_steps,
@@ -468,8 +359,11 @@ def prepare_models(
     config: Config, *, seed: int, device: str | torch.device, progress: bool = True
 ) -> None:
     """Pre-train and cache the BERT that :func:`run` (and the notebook) then loads."""
-    pretrained_bert(
-        config, load_data(config, seed), seed, torch.device(device), progress
+    bert.load_pretrained(
+        config.pretraining,
+        seed=seed + SEED_OFFSETS["pretraining"],
+        device=device,
+        progress=progress,
     )
 
 
@@ -481,8 +375,13 @@ def run(
     began = time.perf_counter()
     device = torch.device(device)
     runtime.set_seed(seed)  # global generators too; each draw has its own seed below
-    data = load_data(config, seed)
-    pretrained = pretrained_bert(config, data, seed, device, progress)
+    pretrained = bert.load_pretrained(
+        config.pretraining,
+        seed=seed + SEED_OFFSETS["pretraining"],
+        device=device,
+        progress=progress,
+    )
+    data = load_data(config, pretrained, seed)
     objectives = evaluate_objectives(config, data, pretrained.model, seed)
     negatives, test_pairs = evaluate_nsp_negatives(config, data, pretrained.model, seed)
     sweep = fine_tuning_sweep(config, data, pretrained.model, seed, device)

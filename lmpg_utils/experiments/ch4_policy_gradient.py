@@ -45,6 +45,10 @@ from ..translation import (
 
 NAME = "pg"
 
+#: the estimators this chapter compares: the REINFORCE baselines of
+#: :data:`~lmpg_utils.policy_gradient.ESTIMATORS` (the others belong to chapter 5)
+COMPARED: tuple[str, ...] = ("none", "moving-average", "self-critical", "leave-one-out")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -115,10 +119,11 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.estimator not in ESTIMATORS:
+        usable = [n for n, e in ESTIMATORS.items() if not e.token_level]
+        if self.estimator not in usable:
             raise ValueError(
-                f"estimator {self.estimator!r} is unknown; valid estimators are: "
-                f"{', '.join(ESTIMATORS)}"
+                f"estimator {self.estimator!r} is unknown or per-token; valid "
+                f"estimators are: {', '.join(usable)}"
             )
         needed = ESTIMATORS[self.estimator].min_samples
         if self.samples < needed:
@@ -332,8 +337,8 @@ def gradient_variance(
     """Total variance (trace of the covariance) of each estimator's gradient on fixed batches.
 
     For each of ``batches`` fixed training batches, ``draws`` independent rollouts of
-    ``samples`` translations per source are drawn; every estimator of
-    :data:`~lmpg_utils.policy_gradient.ESTIMATORS` is computed on the *same* samples
+    ``samples`` translations per source are drawn; every estimator of :data:`COMPARED`
+    is computed on the *same* samples
     (one forward pass, one backward each). The moving-average baseline is the batch's
     mean reward from a separate rollout (what a converged average would hold). Returns
     per-estimator variance, mean sample reward and mean greedy reward.
@@ -344,7 +349,7 @@ def gradient_variance(
     model = setup.new_model(state)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(setup.train), generator=generator).tolist()
-    variance = dict.fromkeys(ESTIMATORS, 0.0)
+    variance = dict.fromkeys(COMPARED, 0.0)
     rewards_seen, greedy_seen = [], []
     for b in range(batches):
         pairs = setup.train.subset(order[b * batch_size : (b + 1) * batch_size])
@@ -362,16 +367,16 @@ def gradient_variance(
             rewards_seen.append(float(roll.rewards.mean()))
             greedy_seen.append(float(roll.greedy_rewards.mean()))
             logp = policy_log_probs(model, roll)
-            for name, estimator in ESTIMATORS.items():
+            for name in COMPARED:
                 model.zero_grad(set_to_none=True)
-                advantages = estimator.advantages(
+                advantages = ESTIMATORS[name].advantages(
                     roll.rewards, roll.greedy_rewards, average
                 )
                 reinforce_loss(logp, advantages).backward(retain_graph=True)
                 g = flat_grad(model).double()
                 sums[name] = g if name not in sums else sums[name] + g
                 squares[name] = g * g if name not in squares else squares[name] + g * g
-        for name in ESTIMATORS:
+        for name in COMPARED:
             mean = sums[name] / draws
             spread = (squares[name] - draws * mean * mean) / (draws - 1)
             variance[name] += float(spread.sum()) / batches
