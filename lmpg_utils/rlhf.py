@@ -44,6 +44,7 @@ from .policy_gradient import (
     Rollout,
     aggregate_tokens,
     clipped_ratio_loss,
+    flat_grad,
     kl_penalty,
     policy_update_loop,
     reinforce_loss,
@@ -655,3 +656,55 @@ def fine_tune(
         generator=generator,
     )
     return FineTuned(policy, history, evaluations)
+
+
+def gradient_noise(
+    reference: GPT,
+    prompts: Tensor,
+    methods: Sequence[str],
+    k: int,
+    task: Task,
+    vocab: WordVocab,
+    judge: Judge,
+    draws: int,
+    seed: int,
+) -> dict[str, float]:
+    """How noisy each method's first policy gradient is at the reference, on fixed
+    prompts: for ``draws`` rollouts (shared by all methods, ``k`` samples per prompt),
+    the gradient of each method's loss, and then the total variance of those gradients
+    over the draws divided by the squared norm of their mean (noise per unit of signal,
+    so methods whose advantages differ in scale compare fairly). Methods whose
+    estimator needs a history or values (REINFORCE's moving average, PPO's critic) have
+    no defined first gradient and are refused; ``"none"`` is plain REINFORCE."""
+    if draws < 2:
+        raise ValueError(f"draws must be at least 2, got {draws}")
+    leashes = {}
+    for name in methods:
+        if name == "none":
+            leashes[name] = Leash(Method("none", "none", "reward", "reinforce"), 0.0, k)
+            continue
+        method = METHODS[name]
+        estimator = ESTIMATORS[method.estimator]
+        if estimator.needs_history or estimator.needs_values:
+            raise ValueError(
+                f"{name} has no first gradient without a history or values"
+            )
+        leashes[name] = Leash(method, 0.0, k)
+    generator = torch.Generator().manual_seed(seed)
+    policy = Policy(copy.deepcopy(reference)).eval()
+    policy.requires_grad_(True)
+    gradients: dict[str, list[Tensor]] = {name: [] for name in leashes}
+    for _ in range(draws):
+        roll = rollout(policy, reference, prompts, next(iter(leashes.values())), task,
+                       vocab, judge, generator)  # fmt: skip
+        for name, leash in leashes.items():
+            advantages = ESTIMATORS[leash.method.estimator].rollout_advantages(roll)
+            policy.zero_grad(set_to_none=True)
+            loss(policy, roll, advantages, leash, task, vocab)[0].backward()
+            gradients[name].append(flat_grad(policy))
+    noise = {}
+    for name, rows in gradients.items():
+        stacked = torch.stack(rows).double()
+        signal = float(stacked.mean(dim=0).square().sum())
+        noise[name] = float(stacked.var(dim=0).sum()) / max(signal, 1e-300)
+    return noise

@@ -146,3 +146,19 @@ def test_a_second_run_from_the_same_frozen_reference_still_trains():
                                prompts_per_update=2, lr=1e-2, eval_every=1,
                                eval_samples=1, seed=0, eval_seed=1)  # fmt: skip
         assert all(p.requires_grad for p in tuned.policy.parameters())
+
+
+def test_a_baseline_makes_the_first_gradient_less_noisy():
+    """At the reference, with rewards all below zero, plain REINFORCE's gradient is
+    mostly noise; a group baseline removes much of it. (Noise per unit of signal for
+    seeds 0, 1, 2: none 4.5, 6.4, 4.8; RLOO 1.2, 1.5, 1.2; GRPO 1.0, 1.2, 1.1.)"""
+    noise = rlhf.gradient_noise(tiny_gpt(), prompts(4), ["none", "rloo", "grpo",
+                                "dr-grpo"], 4, TASK, VOCAB, CountingJudge(), draws=12,
+                                seed=0)  # fmt: skip
+    assert all(math.isfinite(v) and v > 0 for v in noise.values())
+    assert noise["rloo"] < noise["none"] and noise["grpo"] < noise["none"]
+    # RLOO's advantage is K/(K-1) times Dr. GRPO's: the same direction, the same noise
+    assert noise["rloo"] == pytest.approx(noise["dr-grpo"], rel=1e-6)
+    with pytest.raises(ValueError, match="history"):
+        rlhf.gradient_noise(tiny_gpt(), prompts(4), ["reinforce"], 4, TASK, VOCAB,
+                            CountingJudge(), draws=2, seed=0)  # fmt: skip
