@@ -13,100 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_configs import TINY
 
 from lmpg_utils import __main__ as cli
 from lmpg_utils import configs
 
 PACKAGE = Path(cli.__file__).resolve().parent
 EXPERIMENT_FILES = sorted((PACKAGE / "experiments").glob("ch*.py"))
-
-# --set assignments that shrink each quick profile to a run of seconds on a CPU
-TINY: dict[str, list[str]] = {
-    "rlhf": [
-        "vocab_size=500",
-        "gpt.model.d_model=16",
-        "gpt.model.num_heads=2",
-        "gpt.model.num_layers=1",
-        "gpt.model.d_ff=32",
-        "gpt.batch_size=8",
-        "gpt.steps=4",
-        "gpt.warmup_steps=1",
-        "gpt.valid_subset=20",
-        "gpt.eval_every=0",
-        "pretraining.vocab_size=300",
-        "pretraining.model.d_model=16",
-        "pretraining.model.num_heads=2",
-        "pretraining.model.num_layers=1",
-        "pretraining.model.d_ff=32",
-        "pretraining.pairs=64",
-        "pretraining.steps=3",
-        "pretraining.batch_size=8",
-        "proxy.labels_per_class=8",
-        "proxy.steps=2",
-        "proxy.batch_size=8",
-        "gold.labels_per_class=8",
-        "gold.steps=2",
-        "gold.batch_size=8",
-        "steps=3",
-        "prompts_per_update=2",
-        "samples=2",
-        "train_prompts=8",
-        "eval_prompts=4",
-        "eval_every=1",
-        "task.max_new_tokens=6",
-    ],
-    "lm": [
-        "vocab_size=500",
-        "ngram_orders=2",
-        "model.d_embed=16",
-        "model.d_hidden=16",
-        "lstm_steps=3",
-        "cloze_steps=2",
-        "batch_size=8",
-    ],
-    "gpt": [
-        "vocab_size=500",
-        "ngram_orders=2",
-        "gpt.model.d_model=16",
-        "gpt.model.num_heads=2",
-        "gpt.model.num_layers=1",
-        "gpt.model.d_ff=32",
-        "gpt.batch_size=8",
-        "gpt.steps=4",
-        "gpt.warmup_steps=1",
-        "gpt.valid_subset=20",
-    ],
-    "pg": [
-        "train_words=6",
-        "eval_words=6",
-        "vocab_size=300",
-        "model.d_model=32",
-        "model.num_heads=2",
-        "model.num_layers=1",
-        "model.d_ff=64",
-        "max_tokens=24",
-        "weak_step=4",
-        "mle_steps=12",
-        "mle_batch_tokens=400",
-        "mle_warmup=2",
-        "average_last=2",
-        "max_len=12",
-        "pg_steps=2",
-        "pg_batch=4",
-        "samples=2",
-        "eval_every=1",
-        "valid_sources=8",
-        "control_batch_tokens=400",
-    ],
-    "bert": [
-        "pretraining.steps=6",
-        "pretraining.pairs=200",
-        "eval_pairs=60",
-        "finetune_steps=2",
-        "label_counts=8",
-        "test_per_class=5",
-    ],
-}
 
 
 def test_the_registry_lists_every_experiment_file_once():

@@ -8,19 +8,12 @@ import json
 
 import pytest
 import torch
+from tiny_configs import TINY
 
 from lmpg_utils import bert, configs
 from lmpg_utils.experiments import ch3_bert as ch3
 
 # --set assignments that shrink the quick profile to a run of seconds on a CPU
-TINY = [
-    "pretraining.steps=6",
-    "pretraining.pairs=200",
-    "eval_pairs=60",
-    "finetune_steps=2",
-    "label_counts=8",
-    "test_per_class=5",
-]
 
 # The cache settings of the pre-trained BERT: only what determines the model, under
 # the names the cache has always used.
@@ -153,7 +146,7 @@ def one_thread():
 def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
     empty_model_cache, one_thread
 ):
-    tiny = configs.apply_overrides(ch3.PROFILES["quick"], TINY)
+    tiny = configs.apply_overrides(ch3.PROFILES["quick"], TINY["bert"])
     first = ch3.run(tiny, seed=0, device="cpu", progress=False)
     assert not first.pretrain_cached and len(first.history.steps) == 6
     assert next(first.model.parameters()).device == torch.device("cpu")

@@ -5,39 +5,16 @@ before the experiments were split."""
 from __future__ import annotations
 
 import pytest
+from tiny_configs import TINY
 
 from lmpg_utils import configs, corpora
 from lmpg_utils import language_modeling as lm
 from lmpg_utils.experiments import ch1_language_models as ch1
 from lmpg_utils.experiments import ch2_gpt as ch2
 
-# --set assignments that shrink each quick profile to seconds on a CPU
-TINY_LM = [
-    "vocab_size=500",
-    "ngram_orders=2",
-    "model.d_embed=16",
-    "model.d_hidden=16",
-    "lstm_steps=3",
-    "cloze_steps=2",
-    "batch_size=8",
-]
-TINY_GPT = [
-    "vocab_size=500",
-    "ngram_orders=2",
-    "gpt.model.d_model=16",
-    "gpt.model.num_heads=2",
-    "gpt.model.num_layers=1",
-    "gpt.model.d_ff=32",
-    "gpt.batch_size=8",
-    "gpt.steps=4",
-    "gpt.warmup_steps=1",
-    "gpt.eval_every=2",
-    "gpt.valid_subset=20",
-]
-
 
 def test_chapter_1_trains_once_then_loads_and_summarises(empty_model_cache):
-    tiny = configs.apply_overrides(ch1.PROFILES["quick"], TINY_LM)
+    tiny = configs.apply_overrides(ch1.PROFILES["quick"], TINY["lm"])
     first = ch1.run(tiny, seed=0, device="cpu", progress=False)
     assert len(list(empty_model_cache.glob("ch1-models-*.pt"))) == 1
     second = ch1.run(tiny, seed=0, device="cpu", progress=False)
@@ -56,7 +33,9 @@ def test_chapter_1_trains_once_then_loads_and_summarises(empty_model_cache):
 
 
 def test_chapter_2_trains_once_then_loads_and_reports_the_ngram(empty_model_cache):
-    tiny = configs.apply_overrides(ch2.PROFILES["quick"], TINY_GPT)
+    tiny = configs.apply_overrides(
+        ch2.PROFILES["quick"], [*TINY["gpt"], "gpt.eval_every=2"]
+    )
     ch2.prepare_models(tiny, seed=0, device="cpu", progress=False)
     loaded = ch2.run(tiny, seed=0, device="cpu", progress=False)
     assert loaded.cached and loaded.steps_done == 4
@@ -77,7 +56,9 @@ def test_chapter_2_trains_once_then_loads_and_reports_the_ngram(empty_model_cach
 
 
 def test_the_gpt_trained_by_hand_is_the_gpt_that_is_cached(empty_model_cache):
-    tiny = configs.apply_overrides(ch2.PROFILES["quick"], TINY_GPT)
+    tiny = configs.apply_overrides(
+        ch2.PROFILES["quick"], [*TINY["gpt"], "gpt.eval_every=2"]
+    )
     data = lm.word_data(tiny.vocab_size)
     fresh = lm.cached_gpt(tiny.gpt, data, profile="quick", seed=1, device="cpu")
     again = lm.cached_gpt(tiny.gpt, data, profile="quick", seed=1, device="cpu")

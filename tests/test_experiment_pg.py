@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_configs import TINY
 
 from lmpg_utils import caching, configs, corpora, translation
 from lmpg_utils.experiments import ch4_policy_gradient as ch4
@@ -14,28 +15,6 @@ from lmpg_utils.policy_gradient import ESTIMATORS
 
 # the --set assignments that shrink the quick profile to seconds on a CPU (in this order:
 # each one is validated on its own, and weak_step must stay below mle_steps)
-TINY = [
-    "train_words=6",
-    "eval_words=6",
-    "vocab_size=300",
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.num_layers=1",
-    "model.d_ff=64",
-    "max_tokens=24",
-    "weak_step=4",
-    "mle_steps=12",
-    "mle_batch_tokens=400",
-    "mle_warmup=2",
-    "average_last=2",
-    "max_len=12",
-    "pg_steps=2",
-    "pg_batch=4",
-    "samples=2",
-    "eval_every=1",
-    "valid_sources=8",
-    "control_batch_tokens=400",
-]
 
 
 def test_config_validates_once_by_name():
@@ -105,7 +84,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     for parsed in caching.cache_dir().glob("*.json"):  # parsed corpora, never a model
         shutil.copy(parsed, tmp_path)
     monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
-    tiny = configs.apply_overrides(ch4.PROFILES["quick"], TINY)
+    tiny = configs.apply_overrides(ch4.PROFILES["quick"], TINY["pg"])
     setup = translation.prepare(tiny, device="cpu")
     assert setup.device == torch.device("cpu")
     assert not setup.cached and len(setup.mle_history["losses"]) == tiny.mle_steps
