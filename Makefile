@@ -92,6 +92,7 @@ test-cold: data
 benchmark: data
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_allocator.py
+	$(BIN)/python benchmarks/bench_mfu.py
 
 # The weekly workflow's second job: pyproject.toml's oldest allowed versions in their own venv.
 LOWER_BOUNDS := build/lower-bounds.txt

@@ -3,8 +3,9 @@
 Notebooks narrate; this package does the work. Imports go down the layers only:
 
 - infrastructure: ``runtime`` (device, profile, threads, seeds, resolved once at the
-  edge), ``configs`` (the experiment contract and ``--set``), ``caching``, ``corpora``,
-  ``tokenization``, ``training``, ``metrics``;
+  edge), ``distributed`` (data-parallel training under ``torchrun``), ``configs`` (the
+  experiment contract and ``--set``), ``caching``, ``corpora``, ``tokenization``,
+  ``training``, ``metrics``;
 - models: ``attention``, ``transformer``, ``neural_lm``, ``ngram``, ``generation``;
 - tasks and methods: ``language_modeling`` (chapters 1-2's data, batching, perplexity
   and cached GPT), ``bert`` (a subpackage: ``bert.masking``, ``bert.data``,

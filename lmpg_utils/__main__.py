@@ -8,6 +8,9 @@ Every experiment is run the same way (the contract in :mod:`lmpg_utils.configs`)
 
 and prints its summary as JSON on its last line. ``--show-config`` prints the
 configuration the run would use, after ``--set``, and exits.
+
+Under ``torchrun`` (``torchrun --nproc_per_node 4 -m lmpg_utils run gpt``) every
+process runs the experiment data-parallel; rank 0 alone prints and shows progress.
 """
 
 from __future__ import annotations
@@ -123,18 +126,34 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"installed Debian package {name}")
         return corpora.data_report()
 
-    from . import configs, runtime
+    from . import distributed, runtime
 
     # resolved once, here: device, then the profile it implies, threads, seed, allocator
+    # (and, under torchrun, this process's place in the process group)
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         where = runtime.resolve(args.profile, args.device, args.threads, args.seed)
     except ValueError as error:
         parser.error(str(error))
+    try:
+        return _run_command(parser, args, where)
+    finally:
+        distributed.close(where.world)
+
+
+def _run_command(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, where: runtime.Run
+) -> int:
+    """The ``models`` and ``run`` commands on the resolved ``where``; only rank 0
+    prints."""
+    from . import configs
+
+    main_rank = where.world.is_main
     if args.command == "models":
         for name, seconds in train_models(where).items():
-            print(f"{name}: {seconds:.0f} s")
+            if main_rank:
+                print(f"{name}: {seconds:.0f} s")
         return 0
 
     module = experiment_module(args.experiment)
@@ -145,17 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.show_config:
-        print(
-            json.dumps(
-                configs.summary_header(
-                    module.NAME, config, where.seed, where.device, 0.0
-                )["config"],
-                sort_keys=True,
+        if main_rank:
+            print(
+                json.dumps(
+                    configs.summary_header(
+                        module.NAME, config, where.seed, where.device, 0.0
+                    )["config"],
+                    sort_keys=True,
+                )
             )
-        )
         return 0
-    result = module.run(config, seed=where.seed, device=where.device)
-    print(json.dumps(result.summary(), sort_keys=True))
+    result = module.run(
+        config,
+        seed=where.seed,
+        device=where.device,
+        progress=main_rank,
+        world=where.world,
+    )
+    if main_rank:
+        print(json.dumps(result.summary(), sort_keys=True))
     return 0
 
 
@@ -168,14 +195,19 @@ def train_models(where: runtime.Run) -> dict[str, float]:
         module = experiment_module(name)
         began = time.perf_counter()
         module.prepare_models(
-            module.PROFILES[where.profile], seed=where.seed, device=where.device
+            module.PROFILES[where.profile],
+            seed=where.seed,
+            device=where.device,
+            progress=where.world.is_main,
+            world=where.world,
         )
         seconds[EXPERIMENTS[name]] = time.perf_counter() - began
-        print(
-            f"{EXPERIMENTS[name]}: ready after {seconds[EXPERIMENTS[name]]:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        if where.world.is_main:
+            print(
+                f"{EXPERIMENTS[name]}: ready after {seconds[EXPERIMENTS[name]]:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return seconds
 
 

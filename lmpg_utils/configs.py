@@ -6,7 +6,11 @@ Every module ``lmpg_utils/experiments/chN_*.py`` exposes the same names:
 - ``Config``: a frozen dataclass whose first field, ``profile``, names the profile it
   started from; model sizes are one nested field, not copied fields;
 - ``PROFILES = {"quick": Config(...), "full": Config(...)}``;
-- ``run(config, *, seed, device, progress=True) -> Result``;
+- ``run(config, *, seed, device, progress=True, world=SINGLE) -> Result`` and
+  ``prepare_models`` with the same parameters; ``world``
+  (:class:`lmpg_utils.distributed.World`) is where the process stands under
+  ``torchrun``, and an experiment not yet data-parallel raises ``NotImplementedError``
+  for more than one process;
 - ``Result.summary()``: plain JSON data that starts with :data:`SUMMARY_KEYS`.
 
 Profile, device and threads are resolved once, at the edge (the command line or a
@@ -33,6 +37,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "profile",
     "seed",
     "device",
+    "world_size",
     "seconds",
     "config",
 )
@@ -132,13 +137,16 @@ def summary_header(
     seed: int,
     device: str | torch.device,
     seconds: float,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """The keys every summary starts with (:data:`SUMMARY_KEYS`), as JSON-able data."""
+    """The keys every summary starts with (:data:`SUMMARY_KEYS`), as JSON-able data;
+    ``world_size`` is the number of processes that ran it (``torchrun``)."""
     return {
         "experiment": experiment,
         "profile": config.profile,
         "seed": seed,
         "device": str(device),
+        "world_size": int(world_size),
         "seconds": round(float(seconds), 1),
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
     }

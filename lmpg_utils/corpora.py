@@ -151,7 +151,8 @@ def _cached(name: str, source_sum: str, build):
         except json.JSONDecodeError:
             path.unlink()  # a torn write: rebuild below
     data = build()
-    tmp = path.with_suffix(".tmp")
+    # one temporary file per process: the ranks of a torchrun may parse at once
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
     return data

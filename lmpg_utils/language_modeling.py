@@ -24,6 +24,7 @@ experiment.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import caching, configs, corpora, runtime
+from . import caching, configs, corpora, distributed, runtime
+from .distributed import SINGLE, World
 from .generation import generate
 from .neural_lm import BidirectionalLSTMCloze, LSTMLanguageModel
 from .ngram import KneserNeyLM
@@ -495,8 +497,16 @@ def train_gpt(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> tuple[GPT, TrainHistory]:
-    """Train a GPT from scratch on ``data`` on ``device``; returns it in eval mode."""
+    """Train a GPT from scratch on ``data`` on ``device``; returns it in eval mode.
+
+    With several processes (``world``) every rank builds the same model and batch
+    stream from ``seed`` and trains on its rows of each batch
+    (:func:`lmpg_utils.training.train`): the global batch is ``training.batch_size``,
+    which must be a multiple of ``world.size``.
+    """
+    distributed.check_divisible(training.batch_size, world, "gpt.batch_size")
     vocab = data.vocab
     generator = runtime.set_seed(seed)
     model = GPT(training.model.with_vocab(len(vocab))).to(device)
@@ -524,6 +534,7 @@ def train_gpt(
         progress=progress,
         description="GPT",
         precision=training.precision,
+        world=world,
     )
     model.eval()
     return model, history
@@ -548,12 +559,19 @@ def cached_gpt(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> TrainedGPT:
     """The GPT of ``training`` on ``data``: trained once per settings, seed and code
     version, then loaded from the cache, on ``device`` and in eval mode.
 
     ``profile`` names the profile the settings came from; it is part of the cache key
     (so that chapter 2's cached models are found under the key they were saved with).
+
+    With several processes (``world``), rank 0 alone reads and writes the cache (and
+    holds its lock): it sends what it found to the other ranks, which then need no
+    shared disk; when nothing was cached, every rank trains and rank 0 saves. The
+    number of processes is not part of the key: training on several is the same
+    optimisation as on one (:func:`train_gpt`), so one key names both.
     """
     device = torch.device(device)
     vocab = data.vocab
@@ -563,8 +581,11 @@ def cached_gpt(
         seed,
     )
     path = caching.artifact_path(key)
-    with caching.exclusive(path):  # two notebooks may ask at once: train once
-        stored = caching.load_current(path, key)
+    # two notebooks may ask at once: train once; under torchrun rank 0 alone locks
+    lock = caching.exclusive(path) if world.is_main else contextlib.nullcontext()
+    with lock:
+        stored = caching.load_current(path, key) if world.is_main else None
+        stored = distributed.from_main(stored, world)
         if stored is not None:
             model = GPT(training.model.with_vocab(len(vocab))).to(device)
             model.load_state_dict(stored["state_dict"])
@@ -572,10 +593,11 @@ def cached_gpt(
             history = TrainHistory.from_dict(json.loads(stored["extra"]["history"]))
             return TrainedGPT(model, vocab, history, cached=True)
         model, history = train_gpt(
-            training, data, seed=seed, device=device, progress=progress
+            training, data, seed=seed, device=device, progress=progress, world=world
         )
-        extra = {"history": json.dumps(history.to_dict())}
-        save_checkpoint(path, model, key["config"], caching.tag(extra, key))
+        if world.is_main:
+            extra = {"history": json.dumps(history.to_dict())}
+            save_checkpoint(path, model, key["config"], caching.tag(extra, key))
     return TrainedGPT(model, vocab, history, cached=False)
 
 
@@ -587,13 +609,14 @@ def load_gpt(
     progress: bool = True,
     training: GPTTraining | None = None,
     vocab_size: int | None = None,
+    world: World = SINGLE,
 ) -> TrainedGPT:
     """Chapter 2's GPT of ``profile`` and ``seed`` with its vocabulary, on ``device`` and
     in eval mode: loaded from the cache, or trained now (minutes) and cached.
 
     ``training`` and ``vocab_size`` default to the profile's (:data:`GPT_PROFILES`,
     :data:`GPT_VOCAB_SIZES`); other values name another model under the same profile
-    (as chapter 2's ``--set`` does).
+    (as chapter 2's ``--set`` does). ``world``: see :func:`cached_gpt`.
     """
     if training is None:
         training = configs.profile_config(GPT_PROFILES, profile)
@@ -606,4 +629,5 @@ def load_gpt(
         seed=seed,
         device=device,
         progress=progress,
+        world=world,
     )

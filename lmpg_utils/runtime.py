@@ -4,7 +4,9 @@ Two profiles exist. ``quick`` is the default on a CPU: it is what the tests and 
 CPU book build execute, and every chapter still makes its point with it. ``full``
 is the default when CUDA is present (Colab, a GPU server) and trains for longer on
 more data. The environment variables ``LMPG_PROFILE`` and ``LMPG_DEVICE`` override
-both choices.
+both choices. Under ``torchrun``, :func:`resolve` also reads the process's place in the
+run (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the process group
+(:mod:`lmpg_utils.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from . import distributed
+from .distributed import SINGLE, World
 
 PROFILES: tuple[str, ...] = ("quick", "full")
 Profile = Literal["quick", "full"]
@@ -79,12 +84,15 @@ def set_seed(seed: int) -> torch.Generator:
     return generator
 
 
-def set_threads(count: int | None = None) -> int:
-    """Set PyTorch's intra-op thread count (default: ``LMPG_THREADS`` or all cores)."""
+def set_threads(count: int | None = None, share: int = 1) -> int:
+    """Set PyTorch's intra-op thread count (default: ``LMPG_THREADS``, else all cores
+    divided among the ``share`` processes that run on this machine, at least one)."""
+    if share < 1:
+        raise ValueError(f"share must be at least 1, got {share}")
     if count is None:
         text = os.environ.get("LMPG_THREADS", "0")
         try:
-            count = int(text) or (os.cpu_count() or 1)
+            count = int(text) or max(1, (os.cpu_count() or 1) // share)
         except ValueError:
             raise ValueError(f"LMPG_THREADS must be an integer, got {text!r}") from None
     if count < 1:
@@ -130,13 +138,59 @@ def tune_allocator() -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """How this process runs, resolved once at the edge by :func:`resolve`."""
+    """How this process runs, resolved once at the edge by :func:`resolve`; ``world``
+    is its place among the processes of a ``torchrun`` (:data:`SINGLE` without)."""
 
     profile: Profile
     device: torch.device
     threads: int
     seed: int
     allocator: str
+    world: World = SINGLE
+
+
+def _torchrun_int(name: str, default: int) -> int:
+    """One of the integers ``torchrun`` puts in each process's environment."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+def detect_world() -> tuple[World, int]:
+    """This process's :class:`~lmpg_utils.distributed.World` and the number of
+    processes on its machine, from the variables ``torchrun`` sets (``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); one process without them."""
+    size = _torchrun_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return SINGLE, 1
+    world = World(
+        rank=_torchrun_int("RANK", 0),
+        size=size,
+        local_rank=_torchrun_int("LOCAL_RANK", 0),
+    )
+    return world, max(1, _torchrun_int("LOCAL_WORLD_SIZE", 1))
+
+
+def _rank_device(device: torch.device, world: World) -> torch.device:
+    """The device of this rank: on CUDA, the GPU of its local rank."""
+    if world.size == 1 or device.type != "cuda":
+        return device
+    if device.index is not None and device.index != world.local_rank:
+        raise ValueError(
+            f"under torchrun each process uses the GPU of its local rank: local rank "
+            f"{world.local_rank} would use cuda:{world.local_rank}, not {device}; "
+            "pass --device cuda"
+        )
+    if world.local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"local rank {world.local_rank} has no GPU: this machine has "
+            f"{torch.cuda.device_count()}; start at most that many processes per node"
+        )
+    return torch.device("cuda", world.local_rank)
 
 
 def resolve(
@@ -153,8 +207,15 @@ def resolve(
     ``LMPG_PROFILE``, ``LMPG_THREADS``, ``LMPG_SEED``), else its default: CUDA when
     present, the profile that device implies, every core, seed 0. The threads are set
     and the allocator is tuned (:func:`tune_allocator`). Bad values raise ``ValueError``.
+
+    Under ``torchrun`` with more than one process (``WORLD_SIZE`` > 1), this also joins
+    the process group (NCCL on CUDA, gloo on a CPU), gives each process the GPU of its
+    ``LOCAL_RANK``, divides the cores among the processes of a machine when the threads
+    are not given, and returns the process's place in :attr:`Run.world`. Every rank
+    gets the same seed: they draw the same batches and each trains on its share.
     """
-    resolved_device = get_device(device)
+    world, local_size = detect_world()
+    resolved_device = _rank_device(get_device(device), world)
     resolved_profile = get_profile(profile, resolved_device)
     if seed is None:
         text = os.environ.get("LMPG_SEED", "0")
@@ -164,9 +225,17 @@ def resolve(
             raise ValueError(f"LMPG_SEED must be an integer, got {text!r}") from None
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    resolved_threads = set_threads(threads)
+    resolved_threads = set_threads(threads, share=local_size)
+    if resolved_device.type == "cuda" and world.size > 1:
+        torch.cuda.set_device(resolved_device)
+    distributed.start(world, resolved_device)
     return Run(
-        resolved_profile, resolved_device, resolved_threads, seed, tune_allocator()
+        resolved_profile,
+        resolved_device,
+        resolved_threads,
+        seed,
+        tune_allocator(),
+        world,
     )
 
 
@@ -178,6 +247,7 @@ def describe(run: Run | None = None) -> dict[str, object]:
         "device": str(device),
         "profile": run.profile if run is not None else get_profile(device=device),
         "seed": run.seed if run is not None else None,
+        "world_size": run.world.size if run is not None else 1,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": _allocator,

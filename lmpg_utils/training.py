@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import distributed
+from .distributed import SINGLE, World
 from .tokenization import pad_batch
 
 
@@ -186,6 +188,7 @@ def train(
     decay: str = "cosine",
     precision: str = "fp32",
     on_step: Callable[[int, nn.Module], None] | None = None,
+    world: World = SINGLE,
 ) -> TrainHistory:
     """Train ``model`` on ``batches`` with AdamW, warm-up + decay schedule and clipping.
 
@@ -196,6 +199,15 @@ def train(
     schedule of :func:`warmup_decay`; ``precision="bf16"`` runs the forward pass under
     bfloat16 autocast (weights, gradients and optimizer state stay fp32).
     ``on_step(step, model)`` runs after every update (snapshots for averaging).
+
+    With several processes (``world``, under ``torchrun``), every rank draws the same
+    global batches and trains on its rows of each (:func:`distributed.shard`; batches
+    must be tensors), with ``model`` in ``DistributedDataParallel``. Each rank's mean
+    loss is scaled by ``items * world.size / global items`` before ``backward``, so the
+    averaged gradient is that of the mean over every item of the global batch: the same
+    optimisation as one process. The recorded losses and items are global; evaluation
+    runs on every rank (same weights, same data), only rank 0 shows progress, and the
+    time budget is rank 0's clock. With one process nothing of this runs.
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
@@ -222,43 +234,57 @@ def train(
         history.eval_seconds.append(time.perf_counter() - start)
 
     model.train()
+    net = distributed.wrap(model, world)  # model itself for one process
     bar = tqdm(
         total=max_steps,
         desc=description,
-        disable=not progress,
+        disable=not (progress and world.is_main),
         mininterval=2.0,
         leave=False,
     )
     step = 0
-    for step in range(1, max_steps + 1):
-        batch = next(batches)
-        with torch.autocast(
-            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            loss, items = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
-        schedule.step()
-        history.steps.append(step)
-        history.losses.append(loss.item())
-        history.items += int(items)
-        if on_step is not None:
-            on_step(step, model)
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if eval_fn is not None and eval_every and step % eval_every == 0:
-            evaluate(step)
-        if (
-            time_budget_s is not None
-            and time.perf_counter() - start - eval_time > time_budget_s
-        ):
-            break
+    # several processes: each rank its own dropout masks (nothing for one)
+    with distributed.rank_generators(world):
+        for step in range(1, max_steps + 1):
+            batch = next(batches)
+            if world.size > 1:
+                items, loss_value = _distributed_step(
+                    net, batch, loss_fn, world, device_type, amp_dtype, optimizer, step
+                )
+            else:
+                with torch.autocast(
+                    device_type,
+                    dtype=amp_dtype or torch.float32,
+                    enabled=amp_dtype is not None,
+                ):
+                    loss, items = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at step {step}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                loss_value = loss.item()
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            optimizer.step()
+            schedule.step()
+            history.steps.append(step)
+            history.losses.append(loss_value)
+            history.items += int(items)
+            if on_step is not None:
+                on_step(step, model)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                evaluate(step)
+            if time_budget_s is not None and distributed.any_true(
+                world.is_main
+                and time.perf_counter() - start - eval_time > time_budget_s,
+                world,
+            ):
+                break
     bar.close()
     if eval_fn is not None and (
         not history.eval_steps or history.eval_steps[-1] != step
@@ -267,6 +293,57 @@ def train(
     history.seconds = time.perf_counter() - start - eval_time
     model.eval()
     return history
+
+
+def _distributed_step(
+    net: nn.Module,
+    batch: object,
+    loss_fn: Callable[[nn.Module, object], tuple[Tensor, int]],
+    world: World,
+    device_type: str,
+    amp_dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+) -> tuple[int, float]:
+    """One rank's forward and backward on its shard of the global ``batch``, its loss
+    weighted so that DDP's average over the ranks is the gradient of the global mean.
+    Returns the global item count and the global mean loss."""
+    if not isinstance(batch, Tensor):
+        raise TypeError(
+            f"training on {world.size} processes shards tensor batches, but the batches "
+            f"are {type(batch).__module__}.{type(batch).__qualname__}; this training "
+            "is not yet distributed"
+        )
+    rows = batch.shape[0]
+    if rows == 0:
+        raise ValueError(f"the global batch of step {step} is empty")
+    if rows >= world.size:
+        part, counts = distributed.shard(batch, world), True
+    else:
+        # an epoch's last batch may have fewer rows than there are ranks: a rank
+        # without a row computes on one it does not own and weighs it zero, so that
+        # every rank still runs forward and backward (DDP's all-reduce needs them all)
+        row = min(world.rank, rows - 1)
+        part, counts = batch[row : row + 1], world.rank < rows
+    with torch.autocast(
+        device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    ):
+        loss, items = loss_fn(net, part)
+    own = int(items) if counts else 0
+    value = float(loss.detach())
+    # one collective for both: the global item count and the item-weighted loss sum
+    global_items, global_sum = distributed.all_sums(
+        [float(own), value * own if math.isfinite(value) else math.nan], world
+    )
+    if not math.isfinite(global_sum):
+        raise FloatingPointError(
+            f"loss became {global_sum} (summed over the ranks) at step {step}"
+        )
+    if global_items <= 0:
+        raise ValueError(f"the global batch of step {step} has no items to train on")
+    optimizer.zero_grad(set_to_none=True)
+    (loss * (own * world.size / global_items)).backward()
+    return int(global_items), global_sum / global_items
 
 
 def save_checkpoint(

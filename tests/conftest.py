@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -35,3 +36,12 @@ def empty_model_cache(tmp_path, monkeypatch):
         shutil.copy(parsed, tmp_path)
     monkeypatch.setenv("LMPG_CACHE_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

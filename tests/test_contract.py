@@ -17,6 +17,7 @@ from tiny_configs import TINY
 
 from lmpg_utils import __main__ as cli
 from lmpg_utils import configs
+from lmpg_utils.distributed import SINGLE
 
 PACKAGE = Path(cli.__file__).resolve().parent
 EXPERIMENT_FILES = sorted((PACKAGE / "experiments").glob("ch*.py"))
@@ -44,8 +45,9 @@ def test_every_experiment_has_the_same_names(name):
     for function in (module.run, module.prepare_models):
         parameters = inspect.signature(function).parameters
         assert list(parameters)[:4] == ["config", "seed", "device", "progress"]
-        for keyword in ("seed", "device", "progress"):
+        for keyword in ("seed", "device", "progress", "world"):
             assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameters["world"].default is SINGLE  # one process unless torchrun
     assert callable(module.Result.summary)
 
 

@@ -134,15 +134,6 @@ def test_overrides_reach_the_nested_model_sizes():
         configs.apply_overrides(QUICK, ["pretraining.steps=0"])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
     empty_model_cache, one_thread
 ):

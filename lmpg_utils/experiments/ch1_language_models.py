@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import caching, configs, corpora, runtime
+from .. import caching, configs, corpora, distributed, runtime
 from .. import language_modeling as lm
+from ..distributed import SINGLE, World
 from ..neural_lm import (
     BidirectionalLSTMCloze,
     LSTMLanguageModel,
@@ -266,8 +267,10 @@ def prepare_models(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> None:
     """Train (or find in the cache) the two LSTMs that the chapters load."""
+    distributed.require_single(world, "chapter 1's LSTM training (run lm)")
     data = lm.word_data(config.vocab_size)
     train_or_load_lstms(
         config, data, seed=seed, device=torch.device(device), progress=progress
@@ -280,10 +283,12 @@ def run(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Result:
     """Fit the Kneser-Ney n-grams (the order is picked on validation), train or load
     the LSTM and the cloze model on ``device``, and score both language models on the
     validation and test verses."""
+    distributed.require_single(world, "chapter 1's LSTM training (run lm)")
     began = time.perf_counter()
     device = torch.device(device)
     data = lm.word_data(config.vocab_size)

@@ -17,6 +17,7 @@ import torch
 
 from .. import configs
 from .. import language_modeling as lm
+from ..distributed import SINGLE, World
 from ..tokenization import WordVocab
 from ..training import TrainHistory
 from ..transformer import GPT, count_parameters
@@ -50,7 +51,8 @@ PROFILES = {
 class Result:
     """What chapter 2 reports; the trained model is kept for samples and attention
     maps. ``training_seconds`` is the GPT's training time, measured when it was
-    trained (also when it was loaded from the cache); ``total_seconds`` is this run's."""
+    trained (also when it was loaded from the cache); ``total_seconds`` is this run's,
+    and ``world_size`` the number of processes that ran it."""
 
     config: Config
     seed: int
@@ -68,6 +70,7 @@ class Result:
     ngram_test_perplexity: float
     cached: bool
     history: TrainHistory = field(repr=False)
+    world_size: int = 1
     model: GPT | None = field(default=None, repr=False)
     vocab: WordVocab | None = field(default=None, repr=False)
 
@@ -75,7 +78,12 @@ class Result:
         """Plain numbers, JSON-serialisable (what the command line prints)."""
         return {
             **configs.summary_header(
-                NAME, self.config, self.seed, self.device, self.total_seconds
+                NAME,
+                self.config,
+                self.seed,
+                self.device,
+                self.total_seconds,
+                self.world_size,
             ),
             "vocab_size": self.vocab_size,
             "num_parameters": self.num_parameters,
@@ -97,8 +105,10 @@ def prepare_models(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> None:
-    """Train (or find in the cache) the GPT that chapter 2 and later chapters load."""
+    """Train (or find in the cache) the GPT that chapter 2 and later chapters load;
+    data-parallel over the processes of ``world`` under ``torchrun``."""
     lm.load_gpt(
         config.profile,
         training=config.gpt,
@@ -106,6 +116,7 @@ def prepare_models(
         seed=seed,
         device=device,
         progress=progress,
+        world=world,
     )
 
 
@@ -115,12 +126,19 @@ def run(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Result:
     """Train or load the chapter's GPT on ``device``, score it on the validation and
     test verses, and fit chapter 1's Kneser-Ney baseline on the same data.
 
     ``val_loss`` is the mean NLL per event on the whole validation split (nats);
     periodic evaluations during training use the first ``valid_subset`` verses.
+
+    Under ``torchrun`` (``world`` of several processes) the GPT trains data-parallel,
+    the same optimisation as in one process (``gpt.batch_size`` is the global batch and
+    must be a multiple of the number of processes); rank 0 alone reads and writes the
+    cache. The scores are computed on every rank, on the same weights, so every rank
+    returns the same ``Result``.
     """
     began = time.perf_counter()
     trained = lm.load_gpt(
@@ -130,6 +148,7 @@ def run(
         seed=seed,
         device=device,
         progress=progress,
+        world=world,
     )
     data = lm.word_data(config.vocab_size)
     vocab = data.vocab
@@ -154,6 +173,7 @@ def run(
         ngram_test_perplexity=ngrams.model.perplexity(data.test),
         cached=trained.cached,
         history=trained.history,
+        world_size=world.size,
         model=trained.model,
         vocab=vocab,
     )

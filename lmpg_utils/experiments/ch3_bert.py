@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .. import bert, configs, corpora, runtime
+from .. import bert, configs, corpora, distributed, runtime
+from ..distributed import SINGLE, World
 from ..tokenization import BPETokenizer
 from ..transformer import count_parameters
 
@@ -356,9 +357,15 @@ def fine_tuning_sweep(
 
 
 def prepare_models(
-    config: Config, *, seed: int, device: str | torch.device, progress: bool = True
+    config: Config,
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool = True,
+    world: World = SINGLE,
 ) -> None:
     """Pre-train and cache the BERT that :func:`run` (and the notebook) then loads."""
+    distributed.require_single(world, "chapter 3's BERT (run bert)")
     bert.load_pretrained(
         config.pretraining,
         seed=seed + SEED_OFFSETS["pretraining"],
@@ -368,10 +375,16 @@ def prepare_models(
 
 
 def run(
-    config: Config, *, seed: int, device: str | torch.device, progress: bool = True
+    config: Config,
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool = True,
+    world: World = SINGLE,
 ) -> Result:
     """Pre-train (or load), evaluate and fine-tune a small BERT on ``device``; see the
     module docstring."""
+    distributed.require_single(world, "chapter 3's BERT (run bert)")
     began = time.perf_counter()
     device = torch.device(device)
     runtime.set_seed(seed)  # global generators too; each draw has its own seed below

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import configs, runtime
+from .. import configs, distributed, runtime
+from ..distributed import SINGLE, World
 from ..metrics import REWARDS
 from ..policy_gradient import (
     ESTIMATORS,
@@ -215,9 +216,13 @@ def prepare_models(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> None:
     """Train (or load) the cached MLE start on ``device``. The start is trained with
     ``config.start_seed``, not ``seed``: every fine-tuning seed starts from it."""
+    distributed.require_single(
+        world, "chapter 4's translation and policy gradient (run pg)"
+    )
     prepare(config, device=device, progress=progress)
 
 
@@ -452,9 +457,13 @@ def run(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Result:
     """The MLE start (cached), fine-tuning with ``config.estimator`` from seed ``seed``,
     the continued-MLE control for the same seconds, and test scores of all three."""
+    distributed.require_single(
+        world, "chapter 4's translation and policy gradient (run pg)"
+    )
     began = time.perf_counter()
     setup = prepare(config, device=device, progress=progress)
     start = evaluate(setup.new_model(), setup)

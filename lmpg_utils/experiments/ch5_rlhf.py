@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import bert, configs, judges, rlhf
+from .. import bert, configs, distributed, judges, rlhf
 from .. import language_modeling as lm
+from ..distributed import SINGLE, World
 from ..tokenization import WordVocab
 from ..transformer import GPT
 
@@ -131,14 +132,21 @@ class Setup:
                              c.task, self.vocab, self.proxy, self.gold, c.eval_seed)  # fmt: skip
 
     def fine_tune(
-        self, seed: int, method: str | None = None, beta: float | None = None
+        self,
+        seed: int,
+        method: str | None = None,
+        beta: float | None = None,
+        steps: int | None = None,
     ) -> rlhf.FineTuned:
-        """One fine-tuning run from the reference (``method`` and ``beta`` default to
-        the config's)."""
+        """One fine-tuning run from the reference (``method``, ``beta`` and ``steps``
+        default to the config's)."""
         c = self.config
+        steps = c.steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
         return rlhf.fine_tune(
             self.reference, c.leash(method, beta), c.task, self.vocab, self.proxy,
-            self.gold, self.train_prompts, self.eval_prompts, c.steps,
+            self.gold, self.train_prompts, self.eval_prompts, steps,
             c.prompts_per_update, c.lr, c.eval_every, c.eval_samples, seed,
             c.eval_seed, start=self.start(),
         )  # fmt: skip
@@ -176,8 +184,10 @@ def prepare_models(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> None:
     """Train (or find in the cache) the GPT, the pre-trained BERT and the two judges."""
+    distributed.require_single(world, "chapter 5's RLHF (run rlhf)")
     _models(config, seed, torch.device(device), progress)
 
 
@@ -225,9 +235,11 @@ def run(
     seed: int,
     device: str | torch.device,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Result:
     """Fine-tune chapter 2's GPT with ``config.method`` at ``config.beta`` and evaluate
     it on held-out prompts against both judges."""
+    distributed.require_single(world, "chapter 5's RLHF (run rlhf)")
     began = time.perf_counter()
     setup = prepare(config, seed=seed, device=device, progress=progress)
     start = setup.start()
