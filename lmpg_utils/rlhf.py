@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +43,7 @@ from .policy_gradient import (
     Decoding,
     FineTuneHistory,
     Rollout,
+    StepTimes,
     aggregate_tokens,
     clipped_ratio_loss,
     flat_grad,
@@ -352,6 +354,7 @@ def supervised_control(
         raise ValueError(f"seconds must be positive, got {seconds}")
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
+    policy.requires_grad_(True)  # a copy of a reference that fine_tune froze
     batches = bucketed_batches(
         [[vocab.bos_id, *v, vocab.eos_id] for v in verses],
         batch_size,
@@ -499,18 +502,26 @@ def rollout(
     vocab: WordVocab,
     judge: Judge,
     generator: torch.Generator | None = None,
+    times: StepTimes | None = None,
 ) -> Rollout:
     """Sample ``leash.k`` continuations of each prompt, score them with ``judge`` and put
     the KL leash where the method wants it. ``tokens`` are the continuations after the
     prompts' last token; ``rewards`` (B, k) are the judge's with the KL subtracted when
-    the method folds it into the reward."""
+    the method folds it into the reward. ``times``, when given, gets the seconds spent
+    sampling and scoring (the judge, the reference and the value head)."""
     with torch.no_grad():
+        began = time.perf_counter()
         drawn = sample(policy.gpt, prompts, leash.k, task, vocab, generator)
+        sampled = time.perf_counter()
         reference_log_probs = token_log_probs(reference, drawn, vocab)
         score = rewards(judge, drawn.texts, task).to(prompts.device)
         kl_tokens = torch.where(drawn.mask, drawn.log_probs - reference_log_probs, 0.0)
         kl = kl_tokens.sum(dim=1)
         values = policy.outputs(drawn, vocab)[1] if policy.value is not None else None
+    if times is not None:
+        times.sampling += sampled - began
+        times.reward += time.perf_counter() - sampled
+        times.samples += len(drawn.texts)
     method = leash.method
     sequence_rewards = score - leash.beta * kl if method.kl != "loss" else score
     token_rewards = None
@@ -641,7 +652,7 @@ def fine_tune(
         policy,
         prompt_batches(train_prompts, prompts_per_update, generator),
         lambda model, batch, times: rollout(
-            model, reference, batch, leash, task, vocab, proxy, generator
+            model, reference, batch, leash, task, vocab, proxy, generator, times
         ),
         ESTIMATORS[leash.method.estimator],
         lambda model, batch, roll, advantages: loss(
@@ -675,7 +686,9 @@ def gradient_noise(
     over the draws divided by the squared norm of their mean (noise per unit of signal,
     so methods whose advantages differ in scale compare fairly). Methods whose
     estimator needs a history or values (REINFORCE's moving average, PPO's critic) have
-    no defined first gradient and are refused; ``"none"`` is plain REINFORCE."""
+    no defined first gradient and are refused; ``"none"`` is plain REINFORCE. The
+    squared norm of the mean is corrected for its own noise; a method whose mean is
+    still lost in the noise at this many ``draws`` gets ``inf``."""
     if draws < 2:
         raise ValueError(f"draws must be at least 2, got {draws}")
     leashes = {}
@@ -705,6 +718,9 @@ def gradient_noise(
     noise = {}
     for name, rows in gradients.items():
         stacked = torch.stack(rows).double()
-        signal = float(stacked.mean(dim=0).square().sum())
-        noise[name] = float(stacked.var(dim=0).sum()) / max(signal, 1e-300)
+        variance = float(stacked.var(dim=0).sum())
+        # |mean|^2 overestimates |E g|^2 by variance / draws: remove that bias, or a
+        # noisy method's ratio could never exceed ``draws``
+        signal = float(stacked.mean(dim=0).square().sum()) - variance / draws
+        noise[name] = variance / signal if signal > 0 else math.inf
     return noise
