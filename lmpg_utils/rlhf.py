@@ -291,6 +291,28 @@ def score(
     )
 
 
+def reward_at_kl(path: Sequence[Evaluation], kl: float, judge: str) -> float:
+    """The held-out reward (``judge``: ``"proxy"`` or ``"gold"``) of a run whose
+    evaluations are ``path``, where the path first reaches ``kl``: linear interpolation
+    between evaluations over the furthest KL reached so far; NaN if it never gets that
+    far. Compares runs, and controls, at equal KL."""
+    if judge not in ("proxy", "gold"):
+        raise ValueError(f"judge must be 'proxy' or 'gold', got {judge!r}")
+    if not path:
+        raise ValueError("the path has no evaluations")
+    reach = [path[0].kl]
+    for evaluation in path[1:]:
+        reach.append(max(reach[-1], evaluation.kl))
+    if kl > reach[-1]:
+        return math.nan
+    values = [getattr(e, judge) for e in path]
+    for i in range(1, len(path)):
+        if kl <= reach[i] and reach[i] > reach[i - 1]:
+            share = (kl - reach[i - 1]) / (reach[i] - reach[i - 1])
+            return values[i - 1] + max(0.0, share) * (values[i] - values[i - 1])
+    return values[0]
+
+
 def _distinct_2(texts: list[str]) -> float:
     """Distinct-2 of the continuations; 0 when none has two words (a policy that only
     ends the verse has no diversity to measure)."""

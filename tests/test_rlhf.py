@@ -180,3 +180,20 @@ def test_the_sft_control_trains_a_frozen_copy_towards_its_verses():
     assert len(history.losses) == 30 and after < 0.5 * before
     with pytest.raises(ValueError, match="seconds"):
         rlhf.supervised_control(policy, verses, VOCAB, 0.0, 1e-2, 4, 0)
+
+
+def test_reward_at_kl_interpolates_along_the_furthest_reach():
+    def point(kl, gold):
+        return rlhf.Evaluation(proxy=-gold, proxy_se=0, gold=gold, gold_se=0,
+                               gold_target_share=0, kl=kl, kl_se=0, distinct_2=0,
+                               reference_perplexity=1, mean_length=1)  # fmt: skip
+
+    # the KL dips at the third evaluation: the path's reach stays at 4 there
+    path = [point(0.0, -4.0), point(2.0, -3.0), point(1.5, -2.5), point(4.0, -1.0)]
+    assert rlhf.reward_at_kl(path, 1.0, "gold") == pytest.approx(-3.5)
+    assert rlhf.reward_at_kl(path, 3.0, "gold") == pytest.approx(-1.75)
+    assert rlhf.reward_at_kl(path, 1.0, "proxy") == pytest.approx(3.5)
+    assert rlhf.reward_at_kl(path, 0.0, "gold") == -4.0
+    assert math.isnan(rlhf.reward_at_kl(path, 4.5, "gold"))
+    with pytest.raises(ValueError, match="judge"):
+        rlhf.reward_at_kl(path, 1.0, "kl")

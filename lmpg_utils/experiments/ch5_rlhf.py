@@ -142,8 +142,6 @@ class Setup:
         default to the config's)."""
         c = self.config
         steps = c.steps if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be positive, got {steps}")
         return rlhf.fine_tune(
             self.reference, c.leash(method, beta), c.task, self.vocab, self.proxy,
             self.gold, self.train_prompts, self.eval_prompts, steps,
