@@ -23,11 +23,14 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import distributed
+from .distributed import SINGLE, World
 
 try:
     import fcntl
@@ -166,3 +169,21 @@ def exclusive(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def shared_entry(
+    paths: Sequence[Path], key: Mapping[str, Any], world: World = SINGLE
+) -> Iterator[list[dict | None]]:
+    """Within, the cached artifacts at ``paths`` (each :func:`load_current`'s result,
+    ``None`` where missing or stale) on every rank of ``world``, under the lock of the
+    first path (:func:`exclusive`): what to train when something is missing, and save
+    before the block ends.
+
+    With several processes rank 0 alone locks, reads and (by the caller's choice)
+    writes; it sends what it read to the other ranks, which then need no shared disk.
+    """
+    lock = exclusive(paths[0]) if world.is_main else contextlib.nullcontext()
+    with lock:
+        stored = [load_current(p, key) for p in paths] if world.is_main else None
+        yield distributed.from_main(stored, world)

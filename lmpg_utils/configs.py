@@ -9,8 +9,8 @@ Every module ``lmpg_utils/experiments/chN_*.py`` exposes the same names:
 - ``run(config, *, seed, device, progress=True, world=SINGLE) -> Result`` and
   ``prepare_models`` with the same parameters; ``world``
   (:class:`lmpg_utils.distributed.World`) is where the process stands under
-  ``torchrun``, and an experiment not yet data-parallel raises ``NotImplementedError``
-  for more than one process;
+  ``torchrun`` (an experiment that cannot run on several processes raises
+  ``NotImplementedError``: chapter 1's ``run``);
 - ``Result.summary()``: plain JSON data that starts with :data:`SUMMARY_KEYS`.
 
 Profile, device and threads are resolved once, at the edge (the command line or a

@@ -24,7 +24,6 @@ experiment.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -582,10 +581,7 @@ def cached_gpt(
     )
     path = caching.artifact_path(key)
     # two notebooks may ask at once: train once; under torchrun rank 0 alone locks
-    lock = caching.exclusive(path) if world.is_main else contextlib.nullcontext()
-    with lock:
-        stored = caching.load_current(path, key) if world.is_main else None
-        stored = distributed.from_main(stored, world)
+    with caching.shared_entry([path], key, world) as (stored,):
         if stored is not None:
             model = GPT(training.model.with_vocab(len(vocab))).to(device)
             model.load_state_dict(stored["state_dict"])

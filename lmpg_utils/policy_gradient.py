@@ -46,6 +46,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+from .distributed import SINGLE, World
 from .generation import sequence_log_probs, target_mask, translate
 from .training import autocast_dtype
 from .transformer import EncoderDecoder
@@ -90,7 +92,10 @@ class MovingAverage:
 
     def update(self, rewards: Tensor) -> None:
         """Add a batch's mean reward."""
-        mean = float(rewards.mean())
+        self.add(float(rewards.mean()))
+
+    def add(self, mean: float) -> None:
+        """Add a batch's mean reward, given as a number (e.g. summed over processes)."""
         self.value = (
             mean
             if self.value is None
@@ -930,6 +935,8 @@ def policy_update_loop(
     epochs: int = 1,
     minibatches: int = 1,
     generator: torch.Generator | None = None,
+    world: World = SINGLE,
+    loss_items: Callable[[Rollout], float] | None = None,
 ) -> FineTuneHistory:
     """``steps`` policy-gradient updates of ``model``; returns its learning curve.
 
@@ -956,6 +963,18 @@ def policy_update_loop(
     counted as training time. Besides, per update: the rollout's mean reward, the
     training seconds so far, the mean gradient norm, and in ``history.extra`` the
     rollout's ``stats`` and the means of the numbers ``loss_fn`` returns.
+
+    With several processes (``world``, under ``torchrun``) every rank draws the same
+    global batches and keeps its rows (:func:`distributed.shard`, whole groups: each
+    source with all its samples), which must split evenly; ``sample`` sees only those
+    (it should draw with a generator of its own rank,
+    :func:`distributed.rank_generator`). The advantages are computed per rank (every
+    estimator's baseline is per sample or per group), except the moving average, which
+    is fed the reward mean of the global batch. ``loss_fn`` runs through
+    ``DistributedDataParallel``; each rank's loss is weighted by its share of
+    ``loss_items(rollout)``, what the loss averages over (default: sequences, whose
+    shares are equal), so the update is the one of the global batch. The logged
+    rewards and numbers are global means; evaluation runs on every rank alike.
     """
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -969,6 +988,18 @@ def policy_update_loop(
     dtype = autocast_dtype(precision, device_type)
     average = MovingAverage(ma_beta) if estimator.needs_history else None
     history = FineTuneHistory(estimator.name)
+    objective = distributed.wrap_loss(model, loss_fn, world)
+
+    def count(roll: Rollout) -> float:
+        return float(roll.tokens.shape[0] if loss_items is None else loss_items(roll))
+
+    def weight(roll: Rollout) -> float:
+        """The factor on this rank's loss: its share of the global items times the
+        number of ranks (DDP averages), 1 for one process."""
+        if world.size == 1:
+            return 1.0
+        own = count(roll)
+        return own * world.size / distributed.all_sum(own, world)
 
     def autocast() -> torch.autocast:
         return torch.autocast(
@@ -980,7 +1011,7 @@ def policy_update_loop(
     history.record(0, elapsed, evaluate(model) if start_value is None else start_value)
     for step in range(1, steps + 1):
         began = time.perf_counter()
-        batch = next(batches)
+        batch = _own_rows(next(batches), world)
         model.eval()
         with autocast():
             roll = sample(model, batch, history.times)
@@ -988,28 +1019,41 @@ def policy_update_loop(
             advantages = estimator.rollout_advantages(
                 roll, None if average is None else average.value
             )
+            reward_sum, reward_count, *roll_stats = distributed.all_sums(
+                [float(roll.rewards.sum()), roll.rewards.numel(), *roll.stats.values()],
+                world,
+            )
+            # one process: the mean as it always was computed (the same bits)
+            mean_reward = (
+                float(roll.rewards.mean())
+                if world.size == 1
+                else reward_sum / reward_count
+            )
             if average is not None:
-                average.update(roll.rewards)
+                average.add(mean_reward)
             parts = _update_parts(
                 roll, advantages, estimator, epochs, minibatches, generator
             )
             # the first step's loss in the sampling's autocast region (whose cached
             # low-precision weights are still current); each later step's in its own,
             # since the optimizer has changed the weights by then
-            out = loss_fn(model, batch, *next(parts))
-        history.train_reward.append(float(roll.rewards.mean()))
+            part = next(parts)
+            out = objective(batch, *part)
+        history.train_reward.append(mean_reward)
         norms: list[float] = []
         sums: dict[str, float] = {}
         for index in range(epochs * minibatches):
             if index > 0:
+                part = next(parts)
                 with autocast():
-                    out = loss_fn(model, batch, *next(parts))
+                    out = objective(batch, *part)
             loss, stats = out if isinstance(out, tuple) else (out, {})
+            factor = weight(part[0])
             for name, value in stats.items():
                 value = value.detach() if isinstance(value, Tensor) else value
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums.get(name, 0.0) + float(value) * factor
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * factor if world.size > 1 else loss).backward()
             norms.append(
                 float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm))
             )
@@ -1018,14 +1062,35 @@ def policy_update_loop(
         elapsed += time.perf_counter() - began
         history.update_seconds.append(elapsed)
         history.grad_norm.append(sum(norms) / len(norms))
-        history.log(roll.stats)
-        history.log({name: total / len(norms) for name, total in sums.items()})
+        history.log(
+            {n: v / world.size for n, v in zip(roll.stats, roll_stats, strict=True)}
+        )
+        loss_sums = distributed.all_sums(list(sums.values()), world)
+        history.log(
+            {
+                n: v / world.size / len(norms)
+                for n, v in zip(sums, loss_sums, strict=True)
+            }
+        )
         if step % eval_every == 0 or step == steps:
             model.eval()
             history.record(step, elapsed, evaluate(model))
     history.total_seconds = elapsed
     model.eval()
     return history
+
+
+def _own_rows(batch: Batch, world: World) -> Batch:
+    """This rank's rows of a global batch of sources, which must split evenly."""
+    if world.size == 1:
+        return batch
+    rows = distributed.count_rows(batch)
+    if rows % world.size:
+        raise ValueError(
+            f"a batch of {rows} sources does not split evenly over {world.size} "
+            "processes; choose a batch size that is a multiple of their number"
+        )
+    return distributed.shard(batch, world)
 
 
 def flat_grad(model: torch.nn.Module) -> Tensor:

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import corpora
+from . import corpora, distributed
 from .bert.book_groups import BOOK_GROUPS, book_group_of
+from .distributed import SINGLE, World
 from .generation import continuation_log_probs, forbid, sample_continuations
 from .judges import render
 from .language_modeling import lm_loss
@@ -649,13 +650,17 @@ def fine_tune(
     seed: int,
     eval_seed: int,
     start: Evaluation | None = None,
+    world: World = SINGLE,
 ) -> FineTuned:
     """Fine-tune a copy of ``reference`` with ``leash.method`` against the ``proxy``
     judge for ``steps`` updates of ``prompts_per_update`` prompts, and evaluate it on
     ``eval_prompts`` (proxy, gold, KL, ...) every ``eval_every`` updates with the
     sampling seed ``eval_seed`` (the same random numbers for every policy). ``start``:
     the reference's evaluation under that seed, when already known. ``reference`` is
-    frozen in place (``requires_grad`` off)."""
+    frozen in place (``requires_grad`` off). With several processes (``world``) each
+    rank samples for its share of each update's prompts (which must split evenly),
+    with a generator of its own, and the update is the global batch's
+    (:func:`~lmpg_utils.policy_gradient.policy_update_loop`)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the value head's initial weights
     policy = Policy(copy.deepcopy(reference), leash.method.value_head).eval()
@@ -670,11 +675,13 @@ def fine_tune(
         )  # fmt: skip
         return evaluations[-1].proxy
 
+    sampler = distributed.rank_generator(generator, seed, world)
+    token_mean = leash.method.aggregate == "token-mean"
     history = policy_update_loop(
         policy,
         prompt_batches(train_prompts, prompts_per_update, generator),
         lambda model, batch, times: rollout(
-            model, reference, batch, leash, task, vocab, proxy, generator, times
+            model, reference, batch, leash, task, vocab, proxy, sampler, times
         ),
         ESTIMATORS[leash.method.estimator],
         lambda model, batch, roll, advantages: loss(
@@ -687,6 +694,9 @@ def fine_tune(
         start_value=None if start is None else start.proxy,
         epochs=leash.method.epochs,
         generator=generator,
+        world=world,
+        # what the loss averages over: real tokens, or sequences
+        loss_items=(lambda roll: float(roll.mask.sum())) if token_mean else None,
     )
     return FineTuned(policy, history, evaluations)
 

@@ -201,8 +201,9 @@ def train(
     ``on_step(step, model)`` runs after every update (snapshots for averaging).
 
     With several processes (``world``, under ``torchrun``), every rank draws the same
-    global batches and trains on its rows of each (:func:`distributed.shard`; batches
-    must be tensors), with ``model`` in ``DistributedDataParallel``. Each rank's mean
+    global batches and trains on its rows of each (:func:`distributed.shard`: a tensor
+    or a tuple, dict or dataclass of them), with ``model`` in
+    ``DistributedDataParallel``. Each rank's mean
     loss is scaled by ``items * world.size / global items`` before ``backward``, so the
     averaged gradient is that of the mean over every item of the global batch: the same
     optimisation as one process. The recorded losses and items are global; evaluation
@@ -234,7 +235,8 @@ def train(
         history.eval_seconds.append(time.perf_counter() - start)
 
     model.train()
-    net = distributed.wrap(model, world)  # model itself for one process
+    # several processes: the loss computed through DDP (nothing of it for one)
+    objective = distributed.wrap_loss(model, loss_fn, world)
     bar = tqdm(
         total=max_steps,
         desc=description,
@@ -249,7 +251,7 @@ def train(
             batch = next(batches)
             if world.size > 1:
                 items, loss_value = _distributed_step(
-                    net, batch, loss_fn, world, device_type, amp_dtype, optimizer, step
+                    objective, batch, world, device_type, amp_dtype, optimizer, step
                 )
             else:
                 with torch.autocast(
@@ -296,9 +298,8 @@ def train(
 
 
 def _distributed_step(
-    net: nn.Module,
+    objective: Callable[[object], tuple[Tensor, int]],
     batch: object,
-    loss_fn: Callable[[nn.Module, object], tuple[Tensor, int]],
     world: World,
     device_type: str,
     amp_dtype: torch.dtype | None,
@@ -308,13 +309,7 @@ def _distributed_step(
     """One rank's forward and backward on its shard of the global ``batch``, its loss
     weighted so that DDP's average over the ranks is the gradient of the global mean.
     Returns the global item count and the global mean loss."""
-    if not isinstance(batch, Tensor):
-        raise TypeError(
-            f"training on {world.size} processes shards tensor batches, but the batches "
-            f"are {type(batch).__module__}.{type(batch).__qualname__}; this training "
-            "is not yet distributed"
-        )
-    rows = batch.shape[0]
+    rows = distributed.count_rows(batch)
     if rows == 0:
         raise ValueError(f"the global batch of step {step} is empty")
     if rows >= world.size:
@@ -324,11 +319,11 @@ def _distributed_step(
         # without a row computes on one it does not own and weighs it zero, so that
         # every rank still runs forward and backward (DDP's all-reduce needs them all)
         row = min(world.rank, rows - 1)
-        part, counts = batch[row : row + 1], world.rank < rows
+        part, counts = distributed.take_rows(batch, row, row + 1), world.rank < rows
     with torch.autocast(
         device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
     ):
-        loss, items = loss_fn(net, part)
+        loss, items = objective(part)
     own = int(items) if counts else 0
     value = float(loss.detach())
     # one collective for both: the global item count and the item-weighted loss sum

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import caching, corpora, runtime
+from . import caching, corpora, distributed, runtime
+from .distributed import SINGLE, World
 from .generation import translate
 from .metrics import corpus_bleu, corpus_chrf, sentence_rewards
 from .policy_gradient import Decoding, Rollout, StepTimes, rollout
@@ -397,12 +398,15 @@ def train_start(
     data: EncodedPairs,
     device: torch.device,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> tuple[dict, dict, dict]:
     """Train the MLE start: token-budget batches, linear warm-up and decay to zero, bf16
     autocast where asked, and the average of ``average_last`` snapshots taken evenly over
     the last fifth of training (1: the final weights; averaging five cost about one BLEU
     point in calibration, since the rate already decays to zero). The weak snapshot is
-    taken after update ``weak_step``. Returns (start state, weak snapshot, history)."""
+    taken after update ``weak_step``. Returns (start state, weak snapshot, history).
+    With several processes (``world``) every rank draws the same token-budget batches
+    and trains on its rows of each (:func:`lmpg_utils.training.train`)."""
     generator = runtime.set_seed(start.seed)
     model = translator(start, len(tokenizer)).to(device)
     last = start.mle_steps
@@ -432,6 +436,7 @@ def train_start(
         on_step=on_step,
         progress=progress,
         description="MLE start",
+        world=world,
     )
     averaged = average_states([snapshots[s] for s in sorted(keep_at)])
     record = {
@@ -559,34 +564,45 @@ class Setup:
 
 
 def prepare(
-    config: TaskConfig, *, device: str | torch.device, progress: bool = False
+    config: TaskConfig,
+    *,
+    device: str | torch.device,
+    progress: bool = False,
+    world: World = SINGLE,
 ) -> Setup:
     """Data, tokenizer and MLE start of ``config.start`` (loaded from the cache, else
-    trained and saved), on ``device``."""
+    trained and saved), on ``device``. With several processes (``world``) rank 0 reads
+    and writes the cache and trains the tokenizer, and sends them to the others; the
+    MLE start trains data-parallel (:func:`train_start`)."""
     device = torch.device(device)
     start = config.start
     splits = load_pairs(start)
     key = start.key()
     path = caching.artifact_path(key)
     weak_path = path.with_name(path.stem + "-weak.pt")
-    with caching.exclusive(path):
-        data = caching.load_current(path, key)
-        weak = caching.load_current(weak_path, key) if data is not None else None
+    with caching.shared_entry([path, weak_path], key, world) as (data, weak):
         cached = data is not None and weak is not None
         if cached:
             tokenizer = BPETokenizer.from_str(data["extra"]["tokenizer"])
             start_state, weak_state = data["state_dict"], weak["state_dict"]
             history = json.loads(data["extra"]["history"])
         else:
-            tokenizer = train_tokenizer(splits["train"], start.vocab_size)
+            trained = None
+            if world.is_main:  # one tokenizer, sent to the other ranks
+                trained = train_tokenizer(splits["train"], start.vocab_size)
+            text = distributed.from_main(
+                None if trained is None else trained.to_str(), world
+            )
+            tokenizer = trained if world.is_main else BPETokenizer.from_str(text)
         encoded = {
             s: EncodedPairs.build(tokenizer, p, max_tokens=start.max_tokens)
             for s, p in splits.items()
         }
         if not cached:
             start_state, weak_state, history = train_start(
-                start, tokenizer, encoded["train"], device, progress
+                start, tokenizer, encoded["train"], device, progress, world
             )
+        if not cached and world.is_main:
             extra = {"tokenizer": tokenizer.to_str(), "history": json.dumps(history)}
             metadata = dataclasses.asdict(start)
             vocab = len(tokenizer)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .. import caching, corpora
+from .. import caching, corpora, distributed
+from ..distributed import SINGLE, World
 from ..tokenization import BPETokenizer
 from ..training import save_checkpoint
 from ..transformer import ModelSizes, TransformerConfig
@@ -183,9 +184,13 @@ def load_pretrained(
     seed: int,
     device: torch.device | str,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> PretrainedBert:
     """The BERT of ``pretraining`` and ``seed`` on ``device``, in eval mode: loaded from
     the cache, or pre-trained now and cached.
+
+    With several processes (``world``) rank 0 reads and writes the cache and sends what
+    it found; when nothing was, every rank pre-trains data-parallel (:func:`pretrain`).
 
     ``seed`` draws the NSP pairs (:func:`pretraining_data`), the initial weights (on the
     CPU, after ``torch.manual_seed(seed)``), the batches and the masks. The cache key
@@ -194,12 +199,15 @@ def load_pretrained(
     tokenizer = train_bible_tokenizer(pretraining.vocab_size)
     special = SpecialIds.from_tokenizer(tokenizer)
     settings = pretraining.cache_settings()
-    key = caching.artifact_key(
-        CACHE_KIND, dict(settings, tokenizer=tokenizer_hash(tokenizer)), seed
-    )
+    digest = tokenizer_hash(tokenizer)
+    if distributed.from_main(digest, world) != digest:
+        raise RuntimeError(
+            f"rank {world.rank} trained another tokenizer than rank 0: the ranks must "
+            "read the same Bible text (the same sword-text-web package)"
+        )
+    key = caching.artifact_key(CACHE_KIND, dict(settings, tokenizer=digest), seed)
     path = caching.artifact_path(key)
-    with caching.exclusive(path):
-        stored = caching.load_current(path, key)
+    with caching.shared_entry([path], key, world) as (stored,):
         if stored is not None:
             model = BertModel(pretraining.model_config()).to(device)
             model.load_state_dict(stored["state_dict"])
@@ -227,11 +235,13 @@ def load_pretrained(
             warmup_steps=pretraining.warmup_steps,
             seed=seed,
             progress=progress,
+            world=world,
         )
         seconds = time.perf_counter() - began
         record = dict(history.to_dict(), pretrain_seconds=seconds)
-        save_checkpoint(
-            path, model, settings, caching.tag({"history": json.dumps(record)}, key)
-        )
+        if world.is_main:
+            save_checkpoint(
+                path, model, settings, caching.tag({"history": json.dumps(record)}, key)
+            )
     model.eval()
     return PretrainedBert(model, tokenizer, special, history, seconds, cached=False)

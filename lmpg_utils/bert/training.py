@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
+from ..distributed import SINGLE, World
 from ..training import TrainHistory, train
 from .data import EncodedBatch, shuffled_batches
 from .masking import IGNORE_INDEX, SpecialIds, mask_tokens
@@ -97,13 +99,21 @@ def pretrain(
     warmup_steps: int = 100,
     seed: int = 0,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> PretrainHistory:
     """Pre-train on encoded NSP pairs (labels ``is_next``) with fresh (dynamic) masking
     for every batch; the batches go to the model's device.
 
     ``history.losses`` is the total loss; the per-objective losses are in
     ``history.mlm_losses`` and ``history.nsp_losses``.
+
+    With several processes (``world``) every rank draws and masks the same global
+    batches and trains on its rows of each (:func:`lmpg_utils.training.train`, whose
+    weights count the masked tokens: exact for the MLM term, the NSP term weighted
+    by each rank's share of them); ``batch_size`` must be a multiple of
+    ``world.size``, and the per-objective losses are rank 0's.
     """
+    distributed.check_divisible(batch_size, world, "pretraining batch_size")
     if data.labels is None:
         raise ValueError("the pre-training pairs need labels (is_next)")
     device = next(model.parameters()).device
@@ -130,6 +140,7 @@ def pretrain(
         warmup_steps=warmup_steps,
         progress=progress,
         description="pre-train",
+        world=world,
     )
     return PretrainHistory(
         **history.to_dict(), mlm_losses=mlm_losses, nsp_losses=nsp_losses

@@ -269,12 +269,14 @@ def prepare_models(
     progress: bool = True,
     world: World = SINGLE,
 ) -> None:
-    """Train (or find in the cache) the two LSTMs that the chapters load."""
-    distributed.require_single(world, "chapter 1's LSTM training (run lm)")
+    """Train (or find in the cache) the two LSTMs that the chapters load. They are
+    small and not trained data-parallel: under ``torchrun`` rank 0 trains them and the
+    other ranks then load them from the cache (a disk they share)."""
     data = lm.word_data(config.vocab_size)
-    train_or_load_lstms(
-        config, data, seed=seed, device=torch.device(device), progress=progress
-    )
+    with distributed.main_first(world):
+        train_or_load_lstms(
+            config, data, seed=seed, device=torch.device(device), progress=progress
+        )
 
 
 def run(

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .. import bert, configs, corpora, distributed, runtime
+from .. import bert, configs, corpora, runtime
 from ..distributed import SINGLE, World
 from ..tokenization import BPETokenizer
 from ..transformer import count_parameters
@@ -143,12 +143,18 @@ class Result:
     model: bert.BertModel | None = field(repr=False, default=None)
     tokenizer: BPETokenizer | None = field(repr=False, default=None)
     special: bert.SpecialIds | None = field(repr=False, default=None)
+    world_size: int = 1
 
     def summary(self) -> dict[str, Any]:
         """The JSON line of ``python -m lmpg_utils run bert``."""
         return {
             **configs.summary_header(
-                NAME, self.config, self.seed, self.device, self.seconds
+                NAME,
+                self.config,
+                self.seed,
+                self.device,
+                self.seconds,
+                self.world_size,
             ),
             "parameters": self.parameters,
             "mlm_accuracy": round(self.mlm_accuracy, 4),
@@ -364,13 +370,14 @@ def prepare_models(
     progress: bool = True,
     world: World = SINGLE,
 ) -> None:
-    """Pre-train and cache the BERT that :func:`run` (and the notebook) then loads."""
-    distributed.require_single(world, "chapter 3's BERT (run bert)")
+    """Pre-train and cache the BERT that :func:`run` (and the notebook) then loads
+    (data-parallel over the processes of ``world``)."""
     bert.load_pretrained(
         config.pretraining,
         seed=seed + SEED_OFFSETS["pretraining"],
         device=device,
         progress=progress,
+        world=world,
     )
 
 
@@ -383,8 +390,8 @@ def run(
     world: World = SINGLE,
 ) -> Result:
     """Pre-train (or load), evaluate and fine-tune a small BERT on ``device``; see the
-    module docstring."""
-    distributed.require_single(world, "chapter 3's BERT (run bert)")
+    module docstring. Under ``torchrun`` (``world``) the pre-training is data-parallel;
+    the evaluations and the small fine-tuning sweep run alike on every rank."""
     began = time.perf_counter()
     device = torch.device(device)
     runtime.set_seed(seed)  # global generators too; each draw has its own seed below
@@ -393,6 +400,7 @@ def run(
         seed=seed + SEED_OFFSETS["pretraining"],
         device=device,
         progress=progress,
+        world=world,
     )
     data = load_data(config, pretrained, seed)
     objectives = evaluate_objectives(config, data, pretrained.model, seed)
@@ -422,6 +430,7 @@ def run(
         test_examples=sweep.test_examples,
         pretrain_seconds=pretrained.seconds,
         seconds=time.perf_counter() - began,
+        world_size=world.size,
         history=pretrained.history,
         model=pretrained.model,
         tokenizer=data.tokenizer,

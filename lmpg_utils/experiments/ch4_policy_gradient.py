@@ -218,12 +218,10 @@ def prepare_models(
     progress: bool = True,
     world: World = SINGLE,
 ) -> None:
-    """Train (or load) the cached MLE start on ``device``. The start is trained with
-    ``config.start_seed``, not ``seed``: every fine-tuning seed starts from it."""
-    distributed.require_single(
-        world, "chapter 4's translation and policy gradient (run pg)"
-    )
-    prepare(config, device=device, progress=progress)
+    """Train (or load) the cached MLE start on ``device`` (data-parallel over the
+    processes of ``world``). The start is trained with ``config.start_seed``, not
+    ``seed``: every fine-tuning seed starts from it."""
+    prepare(config, device=device, progress=progress, world=world)
 
 
 # --------------------------------------------------------------------------------------
@@ -242,13 +240,16 @@ def fine_tune(
     mle_mix: float | None = None,
     lr: float | None = None,
     eval_every: int | None = None,
+    world: World = SINGLE,
 ) -> tuple[EncoderDecoder, FineTuneHistory]:
     """Continue from the MLE start (or ``start_state``) with policy gradient and ``estimator``.
 
     Each update samples ``samples`` translations for each of ``pg_batch`` training
     sources; the loss is the REINFORCE surrogate plus ``mle_mix`` times the MLE loss of
     the same batch (the length guard). AdamW at the constant rate ``pg_lr``, through
-    :func:`policy_gradient.policy_update_loop`.
+    :func:`policy_gradient.policy_update_loop`. With several processes (``world``)
+    each rank samples for its share of the sources (``pg_batch`` must split evenly),
+    with a generator of its own; the length guard's token mean is each rank's.
     """
     config = setup.config
     mix = config.mle_mix if mle_mix is None else mle_mix
@@ -263,10 +264,10 @@ def fine_tune(
     )
     decoding = setup.decoding(config.samples, estimator.needs_greedy)
 
+    sampler = distributed.rank_generator(generator, seed, world)
+
     def sample(m: EncoderDecoder, batch: Batch, times: StepTimes) -> Rollout:
-        return setup.rollout(
-            m, setup.train.subset(batch[2]), decoding, generator, times
-        )
+        return setup.rollout(m, setup.train.subset(batch[2]), decoding, sampler, times)
 
     def loss(
         m: EncoderDecoder, batch: Batch, roll: Rollout, advantages: torch.Tensor
@@ -291,18 +292,24 @@ def fine_tune(
         start_value=setup.start_reward(start_state),
         precision=config.pg_precision,
         ma_beta=config.ma_beta,
+        world=world,
     )
     return model, history
 
 
 def continue_mle(
-    setup: Setup, seconds: float, seed: int = 0, start_state: dict | None = None
+    setup: Setup,
+    seconds: float,
+    seed: int = 0,
+    start_state: dict | None = None,
+    world: World = SINGLE,
 ) -> tuple[EncoderDecoder, FineTuneHistory]:
     """The control: the MLE recipe continued from the start for ``seconds`` of training
     (the measured time of the policy-gradient run it is compared with), with plain
     :func:`training.train`: batches of ``control_batch_tokens`` target tokens, the
     constant fine-tuning rate ``control_lr`` without warm-up, gradients clipped to 1,
-    in ``pg_precision`` like the policy-gradient run."""
+    in ``pg_precision`` like the policy-gradient run; data-parallel over ``world``
+    (rank 0's clock ends it)."""
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
     config, pad_id, device = setup.config, setup.tokenizer.pad_id, setup.device
@@ -324,6 +331,7 @@ def continue_mle(
         precision=config.pg_precision,
         progress=False,
         description="continued MLE",
+        world=world,
     )
     history.record(len(trained.steps), trained.seconds, expected_reward(model, setup))
     history.total_seconds = trained.seconds
@@ -413,6 +421,7 @@ class Result:
     parameters: int
     mle_seconds: float
     seconds: float
+    world_size: int = 1
 
     def summary(self) -> dict:
         """The common header (:func:`configs.summary_header`) and the run's numbers."""
@@ -420,7 +429,12 @@ class Result:
         shares = times.shares()
         return {
             **configs.summary_header(
-                NAME, self.config, self.seed, self.device, self.seconds
+                NAME,
+                self.config,
+                self.seed,
+                self.device,
+                self.seconds,
+                self.world_size,
             ),
             "estimator": self.config.estimator,
             "parameters": self.parameters,
@@ -460,16 +474,18 @@ def run(
     world: World = SINGLE,
 ) -> Result:
     """The MLE start (cached), fine-tuning with ``config.estimator`` from seed ``seed``,
-    the continued-MLE control for the same seconds, and test scores of all three."""
-    distributed.require_single(
-        world, "chapter 4's translation and policy gradient (run pg)"
-    )
+    the continued-MLE control for the same seconds, and test scores of all three.
+    Under ``torchrun`` (``world``) all three train data-parallel."""
     began = time.perf_counter()
-    setup = prepare(config, device=device, progress=progress)
+    setup = prepare(config, device=device, progress=progress, world=world)
     start = evaluate(setup.new_model(), setup)
     estimator = ESTIMATORS[config.estimator]
-    pg_model, pg_history = fine_tune(setup, estimator, config.pg_steps, seed=seed)
-    mle_model, mle_history = continue_mle(setup, pg_history.total_seconds, seed=seed)
+    pg_model, pg_history = fine_tune(
+        setup, estimator, config.pg_steps, seed=seed, world=world
+    )
+    mle_model, mle_history = continue_mle(
+        setup, pg_history.total_seconds, seed=seed, world=world
+    )
     return Result(
         config,
         seed,
@@ -482,4 +498,5 @@ def run(
         count_parameters(pg_model),
         setup.mle_seconds,
         time.perf_counter() - began,
+        world.size,
     )

@@ -117,6 +117,7 @@ class Setup:
     train_prompts: torch.Tensor
     eval_prompts: torch.Tensor
     device: torch.device
+    world: World = SINGLE
     _start: dict[int, rlhf.Evaluation] = field(default_factory=dict, repr=False)
 
     def start(self) -> rlhf.Evaluation:
@@ -139,41 +140,55 @@ class Setup:
         steps: int | None = None,
     ) -> rlhf.FineTuned:
         """One fine-tuning run from the reference (``method``, ``beta`` and ``steps``
-        default to the config's)."""
+        default to the config's), data-parallel over :attr:`world`."""
         c = self.config
         steps = c.steps if steps is None else steps
         return rlhf.fine_tune(
             self.reference, c.leash(method, beta), c.task, self.vocab, self.proxy,
             self.gold, self.train_prompts, self.eval_prompts, steps,
             c.prompts_per_update, c.lr, c.eval_every, c.eval_samples, seed,
-            c.eval_seed, start=self.start(),
+            c.eval_seed, start=self.start(), world=self.world,
         )  # fmt: skip
 
 
-def _models(config: Config, seed: int, device: torch.device, progress: bool):
+def _models(
+    config: Config, seed: int, device: torch.device, progress: bool, world: World
+):
+    """The reference GPT and the two judges. Under ``torchrun`` the GPT and the BERT
+    under the judges train data-parallel; rank 0 alone fine-tunes the small judges,
+    and the other ranks then load them from the cache (a disk they share)."""
     gpt = lm.load_gpt(config.profile, seed=seed, device=device, progress=progress,
-                      training=config.gpt, vocab_size=config.vocab_size)  # fmt: skip
-    proxy, gold = (
-        judges.cached_judge(judge, config.pretraining, pretraining_seed=seed,
-                            vocab=gpt.vocab, device=device, progress=progress)
-        for judge in (config.proxy, config.gold)
-    )  # fmt: skip
+                      training=config.gpt, vocab_size=config.vocab_size, world=world)  # fmt: skip
+    if world.size > 1:  # the judges' BERT, pre-trained data-parallel when not cached
+        bert.load_pretrained(config.pretraining, seed=seed, device=device,
+                             progress=progress, world=world)  # fmt: skip
+    with distributed.main_first(world):
+        proxy, gold = (
+            judges.cached_judge(judge, config.pretraining, pretraining_seed=seed,
+                                vocab=gpt.vocab, device=device, progress=progress)
+            for judge in (config.proxy, config.gold)
+        )  # fmt: skip
     return gpt, proxy, gold
 
 
 def prepare(
-    config: Config, *, seed: int, device: str | torch.device, progress: bool = True
+    config: Config,
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool = True,
+    world: World = SINGLE,
 ) -> Setup:
     """Load (or train and cache) the GPT and the judges of ``seed``, and draw the
-    prompts."""
+    prompts; the setup fine-tunes over the processes of ``world``."""
     device = torch.device(device)
-    gpt, proxy, gold = _models(config, seed, device, progress)
+    gpt, proxy, gold = _models(config, seed, device, progress, world)
     vocab = gpt.vocab
     c = config
     train = rlhf.make_prompts(vocab, "train", c.task, c.train_prompts, seed).to(device)
     held_out = rlhf.make_prompts(vocab, "valid", c.task, c.eval_prompts, seed)
     return Setup(config, gpt.model.eval(), vocab, proxy, gold, train,
-                 held_out.to(device), device)  # fmt: skip
+                 held_out.to(device), device, world)  # fmt: skip
 
 
 def prepare_models(
@@ -185,8 +200,7 @@ def prepare_models(
     world: World = SINGLE,
 ) -> None:
     """Train (or find in the cache) the GPT, the pre-trained BERT and the two judges."""
-    distributed.require_single(world, "chapter 5's RLHF (run rlhf)")
-    _models(config, seed, torch.device(device), progress)
+    _models(config, seed, torch.device(device), progress, world)
 
 
 @dataclass
@@ -200,13 +214,19 @@ class Result:
     end: rlhf.Evaluation
     fine_tuned: rlhf.FineTuned
     seconds: float
+    world_size: int = 1
 
     def summary(self) -> dict:
         """Plain numbers, JSON-serialisable (what the command line prints)."""
         history = self.fine_tuned.history
         return {
             **configs.summary_header(
-                NAME, self.config, self.seed, self.device, self.seconds
+                NAME,
+                self.config,
+                self.seed,
+                self.device,
+                self.seconds,
+                self.world_size,
             ),
             "method": self.config.method,
             "beta": self.config.beta,
@@ -236,11 +256,10 @@ def run(
     world: World = SINGLE,
 ) -> Result:
     """Fine-tune chapter 2's GPT with ``config.method`` at ``config.beta`` and evaluate
-    it on held-out prompts against both judges."""
-    distributed.require_single(world, "chapter 5's RLHF (run rlhf)")
+    it on held-out prompts against both judges; data-parallel under ``torchrun``."""
     began = time.perf_counter()
-    setup = prepare(config, seed=seed, device=device, progress=progress)
+    setup = prepare(config, seed=seed, device=device, progress=progress, world=world)
     start = setup.start()
     tuned = setup.fine_tune(seed)
     return Result(config, seed, str(setup.device), start, tuned.final, tuned,
-                  time.perf_counter() - began)  # fmt: skip
+                  time.perf_counter() - began, world.size)  # fmt: skip
