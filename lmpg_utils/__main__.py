@@ -68,6 +68,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads (default: LMPG_THREADS, else every core)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="what models set to auto train in (default: LMPG_PRECISION, else auto: "
+        "bf16 where it is fast, a recent GPU or a CPU with AVX512-BF16, else fp32)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        where = runtime.resolve(args.profile, args.device, args.threads, args.seed)
+        where = runtime.resolve(
+            args.profile, args.device, args.threads, args.seed, args.precision
+        )
     except ValueError as error:
         parser.error(str(error))
     try:

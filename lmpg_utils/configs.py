@@ -38,6 +38,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "seed",
     "device",
     "world_size",
+    "precision",
     "seconds",
     "config",
 )
@@ -140,13 +141,16 @@ def summary_header(
     world_size: int = 1,
 ) -> dict[str, Any]:
     """The keys every summary starts with (:data:`SUMMARY_KEYS`), as JSON-able data;
-    ``world_size`` is the number of processes that ran it (``torchrun``)."""
+    ``world_size`` is the number of processes that ran it (``torchrun``) and
+    ``precision`` what the config's ``auto`` precisions meant
+    (:func:`runtime.default_precision`)."""
     return {
         "experiment": experiment,
         "profile": config.profile,
         "seed": seed,
         "device": str(device),
         "world_size": int(world_size),
+        "precision": runtime.default_precision(torch.device(device).type),
         "seconds": round(float(seconds), 1),
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
     }

@@ -4,18 +4,24 @@ Two profiles exist. ``quick`` is the default on a CPU: it is what the tests and 
 CPU book build execute, and every chapter still makes its point with it. ``full``
 is the default when CUDA is present (Colab, a GPU server) and trains for longer on
 more data. The environment variables ``LMPG_PROFILE`` and ``LMPG_DEVICE`` override
-both choices. Under ``torchrun``, :func:`resolve` also reads the process's place in the
-run (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the process group
+both choices. The precision that models set to ``"auto"`` train in is chosen here too:
+bf16 autocast where it is fast (a GPU with native bf16, a CPU with AVX512-BF16 or
+AMX), else fp32; ``LMPG_PRECISION`` (or ``--precision``) overrides it. Under
+``torchrun``, :func:`resolve` also reads the process's place in the run
+(``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the process group
 (:mod:`lmpg_utils.distributed`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import random
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,6 +32,62 @@ from .distributed import SINGLE, World
 
 PROFILES: tuple[str, ...] = ("quick", "full")
 Profile = Literal["quick", "full"]
+
+#: what a precision setting may say; ``auto``: :func:`default_precision`
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+# the run's precision for "auto" settings, once :func:`resolve` has chosen it
+_run_precision: str | None = None
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX; Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 autocast is fast on ``device_type`` here: a GPU with native bf16
+    (Ampere or newer; not a T4, which emulates it) or a CPU with AVX512-BF16 or AMX.
+    On other CPUs bf16 runs, emulated, slower than fp32."""
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the argument
+            return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and _cpu_has_bf16()
+
+
+def choose_precision(requested: str | None, device: torch.device) -> str:
+    """``fp32`` or ``bf16``: ``requested``, else ``LMPG_PRECISION``, else ``auto``;
+    ``auto`` is bf16 where :func:`fast_bf16`, else fp32. bf16 asked of a GPU that
+    cannot run it raises ``ValueError``."""
+    name = (requested or os.environ.get("LMPG_PRECISION") or "auto").strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {name!r} (LMPG_PRECISION/--precision); "
+            f"choose one of: {', '.join(PRECISIONS)}"
+        )
+    if name == "auto":
+        return "bf16" if fast_bf16(device.type) else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 was requested but this GPU does not support it")
+    return name
+
+
+def default_precision(device_type: str) -> str:
+    """The precision of a model whose setting is ``auto``: the run's
+    (:func:`resolve`), else bf16 where :func:`fast_bf16` on ``device_type``, else
+    fp32."""
+    if _run_precision is not None:
+        return _run_precision
+    return "bf16" if fast_bf16(device_type) else "fp32"
 
 
 def get_device(requested: str | None = None) -> torch.device:
@@ -147,6 +209,7 @@ class Run:
     seed: int
     allocator: str
     world: World = SINGLE
+    precision: str = "fp32"
 
 
 def _torchrun_int(name: str, default: int) -> int:
@@ -198,15 +261,18 @@ def resolve(
     device: str | None = None,
     threads: int | None = None,
     seed: int | None = None,
+    precision: str | None = None,
 ) -> Run:
     """Resolve, once, where and how a run happens, and apply it to this process.
 
     Called by the command line and by the setup cell at the top of each chapter; the
     experiments receive the result and read no environment variables themselves. Each
     argument left ``None`` comes from its environment variable (``LMPG_DEVICE``,
-    ``LMPG_PROFILE``, ``LMPG_THREADS``, ``LMPG_SEED``), else its default: CUDA when
-    present, the profile that device implies, every core, seed 0. The threads are set
-    and the allocator is tuned (:func:`tune_allocator`). Bad values raise ``ValueError``.
+    ``LMPG_PROFILE``, ``LMPG_THREADS``, ``LMPG_SEED``, ``LMPG_PRECISION``), else its
+    default: CUDA when present, the profile that device implies, every core, seed 0,
+    bf16 where it is fast (:func:`choose_precision`). The threads are set, the
+    precision becomes what ``auto`` settings train in (:func:`default_precision`) and
+    the allocator is tuned (:func:`tune_allocator`). Bad values raise ``ValueError``.
 
     Under ``torchrun`` with more than one process (``WORLD_SIZE`` > 1), this also joins
     the process group (NCCL on CUDA, gloo on a CPU), gives each process the GPU of its
@@ -225,7 +291,10 @@ def resolve(
             raise ValueError(f"LMPG_SEED must be an integer, got {text!r}") from None
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    resolved_precision = choose_precision(precision, resolved_device)
     resolved_threads = set_threads(threads, share=local_size)
+    global _run_precision
+    _run_precision = resolved_precision
     if resolved_device.type == "cuda" and world.size > 1:
         torch.cuda.set_device(resolved_device)
     distributed.start(world, resolved_device)
@@ -236,6 +305,7 @@ def resolve(
         seed,
         tune_allocator(),
         world,
+        resolved_precision,
     )
 
 
@@ -248,6 +318,10 @@ def describe(run: Run | None = None) -> dict[str, object]:
         "profile": run.profile if run is not None else get_profile(device=device),
         "seed": run.seed if run is not None else None,
         "world_size": run.world.size if run is not None else 1,
+        "precision": run.precision
+        if run is not None
+        else default_precision(device.type),
+        "fast_bf16": fast_bf16(device.type),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": _allocator,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, runtime
 from .distributed import SINGLE, World
 from .tokenization import pad_batch
 
@@ -79,12 +79,23 @@ def warmup_decay(
     return factor
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``fp32`` or ``bf16``: ``precision`` itself, or for ``auto`` the run's choice
+    (:func:`lmpg_utils.runtime.default_precision`). What cache keys hold."""
+    if precision not in runtime.PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; choose one of {runtime.PRECISIONS}"
+        )
+    if precision == "auto":
+        return runtime.default_precision(device_type)
+    return precision
+
+
 def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (``fp32`` or ``bf16``) on a device type; None for fp32."""
-    if precision == "fp32":
+    """The autocast dtype for ``precision`` (``fp32``, ``bf16`` or ``auto``, see
+    :func:`resolve_precision`) on a device type; None for fp32."""
+    if resolve_precision(precision, device_type) == "fp32":
         return None
-    if precision != "bf16":
-        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
     if device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("bf16 was requested but this GPU does not support it")
     return torch.bfloat16

@@ -38,7 +38,13 @@ from .generation import translate
 from .metrics import corpus_bleu, corpus_chrf, sentence_rewards
 from .policy_gradient import Decoding, Rollout, StepTimes, rollout
 from .tokenization import BPETokenizer, pad_batch
-from .training import autocast_dtype, average_states, save_checkpoint, train
+from .training import (
+    autocast_dtype,
+    average_states,
+    resolve_precision,
+    save_checkpoint,
+    train,
+)
 from .transformer import EncoderDecoder, ModelSizes
 
 #: the corpus the MLE start is trained on (part of its cache key)
@@ -314,12 +320,13 @@ class StartConfig:
             )
         autocast_dtype(self.mle_precision, "cpu")  # names an unknown precision
 
-    def key(self) -> dict[str, Any]:
+    def key(self, device_type: str = "cpu") -> dict[str, Any]:
         """The cache key of the start: these settings, the corpus, the seed, torch and
         the code. Model sizes are flattened; ``max_len``, ``positional`` and
         ``num_decoder_layers`` enter only when they differ from what the key first
         implied (``max_tokens + 2``, learned positions, as many decoder layers as
-        encoder layers), so the keys of the starts trained then still hold."""
+        encoder layers), so the keys of the starts trained then still hold. An ``auto``
+        precision enters as what it means on ``device_type`` (bf16 or fp32)."""
         sizes = self.model
         config: dict[str, Any] = {
             "train_words": self.train_words,
@@ -335,7 +342,7 @@ class StartConfig:
             "mle_batch_tokens": self.mle_batch_tokens,
             "mle_lr": self.mle_lr,
             "mle_warmup": self.mle_warmup,
-            "mle_precision": self.mle_precision,
+            "mle_precision": resolve_precision(self.mle_precision, device_type),
             "average_last": self.average_last,
             "label_smoothing": self.label_smoothing,
             "weak_step": self.weak_step,
@@ -576,8 +583,12 @@ def prepare(
     MLE start trains data-parallel (:func:`train_start`)."""
     device = torch.device(device)
     start = config.start
+    # the precision it trains in, not "auto", names the start
+    start = dataclasses.replace(
+        start, mle_precision=resolve_precision(start.mle_precision, device.type)
+    )
     splits = load_pairs(start)
-    key = start.key()
+    key = start.key(device.type)
     path = caching.artifact_path(key)
     weak_path = path.with_name(path.stem + "-weak.pt")
     with caching.shared_entry([path, weak_path], key, world) as (data, weak):

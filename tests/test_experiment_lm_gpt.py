@@ -110,7 +110,7 @@ def test_cache_keys_hold_what_they_held_before_the_split():
         "weight_decay": 0.01,
         "eval_every": 300,
         "valid_subset": 300,
-        "precision": "fp32",
+        "precision": "auto",  # the key holds what it means here (cached_gpt)
     }
 
 

@@ -12,6 +12,7 @@ from tiny_configs import TINY
 from lmpg_utils import caching, configs, corpora, translation
 from lmpg_utils.experiments import ch4_policy_gradient as ch4
 from lmpg_utils.policy_gradient import ESTIMATORS
+from lmpg_utils.training import resolve_precision
 
 # the --set assignments that shrink the quick profile to seconds on a CPU (in this order:
 # each one is validated on its own, and weak_step must stay below mle_steps)
@@ -57,7 +58,7 @@ def test_start_key_holds_exactly_what_it_held_before():
         "mle_batch_tokens": 2500,
         "mle_lr": 2e-3,
         "mle_warmup": 200,
-        "mle_precision": "bf16",
+        "mle_precision": resolve_precision("auto", "cpu"),  # bf16 where it is fast
         "average_last": 1,
         "label_smoothing": 0.1,
         "weak_step": 300,

@@ -82,3 +82,32 @@ def test_tune_allocator_reports_what_it_did():
     ).stdout.strip()
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out == ("glibc: freed memory kept" if glibc else "default (not glibc)")
+
+
+def test_precision_is_bf16_where_it_is_fast_and_can_be_overridden(monkeypatch):
+    from lmpg_utils.training import autocast_dtype, resolve_precision
+
+    monkeypatch.setattr(runtime, "_run_precision", None)
+    monkeypatch.delenv("LMPG_PRECISION", raising=False)
+    cpu = torch.device("cpu")
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda fast=fast: fast)
+        assert runtime.fast_bf16("cpu") is fast
+        assert runtime.choose_precision(None, cpu) == expected
+        assert resolve_precision("auto", "cpu") == expected
+        # an explicit setting is kept whatever the machine
+        assert resolve_precision("fp32", "cpu") == "fp32"
+        assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    monkeypatch.setenv("LMPG_PRECISION", "fp32")
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: True)
+    run = runtime.resolve(device="cpu", threads=torch.get_num_threads())
+    # the run's choice is what "auto" settings now train in
+    assert run.precision == "fp32" and runtime.describe(run)["precision"] == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert autocast_dtype("auto", "cpu") is None
+    assert runtime.describe(run)["fast_bf16"] is True
+    monkeypatch.setenv("LMPG_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        runtime.resolve(device="cpu", threads=torch.get_num_threads())
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        resolve_precision("half", "cpu")

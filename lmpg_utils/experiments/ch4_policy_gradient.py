@@ -73,7 +73,7 @@ class Config:
     mle_batch_tokens: int = 2500
     mle_lr: float = 2e-3
     mle_warmup: int = 200
-    mle_precision: str = "bf16"
+    mle_precision: str = "auto"  # bf16 where it is fast (runtime), else fp32
     average_last: int = 1
     label_smoothing: float = 0.1
     # the weak early snapshot of the MLE start that the reward-hacking section starts from
@@ -96,7 +96,7 @@ class Config:
     control_batch_tokens: int = 2500
     control_lr: float = 1e-4
     # autocast for PG updates and the control alike; evaluation stays fp32
-    pg_precision: str = "bf16"
+    pg_precision: str = "auto"
     reward: str = "bleu"
     # Strength of the long-side length penalty on the reward (metrics.long_side_penalty).
     # Sentence BLEU alone lets the policy lengthen. Chosen on the validation verses, seeds
@@ -177,9 +177,9 @@ class Config:
             seed=self.start_seed,
         )
 
-    def start_key(self) -> dict:
-        """The cache key of the MLE start (:meth:`StartConfig.key`)."""
-        return self.start.key()
+    def start_key(self, device_type: str = "cpu") -> dict:
+        """The cache key of the MLE start on ``device_type`` (:meth:`StartConfig.key`)."""
+        return self.start.key(device_type)
 
 
 PROFILES: dict[str, Config] = {
