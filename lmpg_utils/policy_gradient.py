@@ -436,6 +436,19 @@ def aggregate_tokens(
     return (masked.sum(dim=1) / constant).mean()
 
 
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``values`` (N, T) shifted and scaled to mean 0 and standard deviation 1 over the
+    real tokens (``mask``), 0 elsewhere: PPO's advantage normalisation, which keeps the
+    size of an update independent of the reward's scale and, while the critic is
+    still poor, stops every sampled token being pushed the same way."""
+    _check_per_token(mask, values=values)
+    real = values[mask]
+    if real.numel() < 2:
+        raise ValueError("whitening needs at least two real tokens")
+    centred = (values - real.mean()) / (real.std() + eps)
+    return torch.where(mask, centred, torch.zeros_like(values))
+
+
 def clipped_ratio_loss(
     log_probs: Tensor,
     old_log_probs: Tensor,

@@ -53,6 +53,7 @@ from .policy_gradient import (
     reinforce_loss,
     terminal_rewards,
     value_loss,
+    whiten,
 )
 from .tokenization import WordVocab
 from .training import TrainHistory, bucketed_batches, make_optimizer, train
@@ -414,7 +415,10 @@ class Method:
     ``loss``: ``"reinforce"`` (the plain surrogate on sequence log-probabilities) or
     ``"clipped"`` (the clipped ratio, per token). ``aggregate``: how per-token terms
     become one number (:data:`~lmpg_utils.policy_gradient.AGGREGATIONS`). ``epochs``:
-    optimizer passes over each rollout. ``value_head``: PPO's critic.
+    optimizer passes over each rollout. ``value_head``: PPO's critic. ``whiten``: the
+    policy term sees per-token advantages normalised over the batch's real tokens
+    (:func:`~lmpg_utils.policy_gradient.whiten`, as PPO implementations do); the
+    critic still regresses on the raw returns.
     """
 
     name: str
@@ -424,6 +428,7 @@ class Method:
     aggregate: str = "token-mean"
     epochs: int = 1
     value_head: bool = False
+    whiten: bool = False
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -438,6 +443,8 @@ class Method:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}")
         if self.value_head != ESTIMATORS[self.estimator].needs_values:
             raise ValueError("a value head exactly when the estimator needs values")
+        if self.whiten and not ESTIMATORS[self.estimator].token_level:
+            raise ValueError("whiten normalises per-token advantages (gae)")
 
 
 #: the methods of chapter 5, the one list of their names
@@ -463,7 +470,13 @@ METHODS: dict[str, Method] = {
             epochs=2,
         ),
         Method(
-            "ppo", "gae", kl="token-reward", loss="clipped", epochs=2, value_head=True
+            "ppo",
+            "gae",
+            kl="token-reward",
+            loss="clipped",
+            epochs=2,
+            value_head=True,
+            whiten=True,
         ),
     )  # fmt: skip
 }
@@ -585,10 +598,13 @@ def loss(
         policy_term = reinforce_loss(log_probs.sum(dim=1).view(-1, leash.k), advantages)
     else:
         token_level = ESTIMATORS[method.estimator].token_level
+        weights = advantages if token_level else advantages.reshape(-1)
+        if method.whiten:
+            weights = whiten(advantages, roll.mask)
         policy_term = clipped_ratio_loss(
             log_probs,
             roll.log_probs,
-            advantages if token_level else advantages.reshape(-1),
+            weights,
             roll.mask,
             clip=leash.clip,
             aggregate=method.aggregate,

@@ -165,3 +165,18 @@ def test_baseline_lowers_toy_variance():
             policy.reinforce_estimates(reward, 8, 10, ESTIMATORS[name], g)
     with pytest.raises(ValueError, match="per token"):
         policy.reinforce_estimates(reward, 8, 10, ESTIMATORS["gae"], g)
+
+
+def test_whiten_centres_and_scales_the_real_tokens_only():
+    from lmpg_utils.policy_gradient import whiten
+
+    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = whiten(values, mask)
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = (real - real.mean()) / real.std()
+    assert torch.allclose(out[mask], expected, atol=1e-6)
+    assert out[0, 2] == 0.0  # the masked NaN neither leaks nor counts
+    assert abs(float(out[mask].mean())) < 1e-6
+    with pytest.raises(ValueError, match="at least two real tokens"):
+        whiten(values, torch.tensor([[True, False, False], [False, False, False]]))
