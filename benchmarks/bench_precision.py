@@ -5,8 +5,9 @@ from the same seed: train ``--steps`` updates in fp32 and in bf16 autocast (weig
 gradients and AdamW state stay fp32), then report the training seconds, their ratio,
 and the validation loss of each (the GPT's mean NLL per word of the validation verses
 it evaluates during training; the translator's teacher-forced NLL per target token
-of the validation verses, without label smoothing). The difference is set against
-``--tolerance`` nats (default 0.02: a fifth of the GPT's fp32 seed spread, 0.093).
+of the validation verses, without label smoothing). bf16 passes when its loss is at
+most ``--tolerance`` nats above fp32's (default 0.02: a fifth of the spread of the
+GPT's fp32 validation loss over seeds 0-2, 0.11); lower is better, not a failure.
 
     python benchmarks/bench_precision.py --model translator --steps 800
 
@@ -90,7 +91,8 @@ def main() -> None:
                 **{f"{p}_{k}": v for p, r in results.items() for k, v in r.items()},
                 "bf16_minus_fp32_nll": gap,
                 "bf16_speedup": speedup,
-                "within_tolerance": abs(gap) <= args.tolerance,
+                "tolerance": args.tolerance,
+                "bf16_within_tolerance": gap <= args.tolerance,
             },
             sort_keys=True,
         )

@@ -672,8 +672,9 @@ def fine_tune(
     judge for ``steps`` updates of ``prompts_per_update`` prompts, and evaluate it on
     ``eval_prompts`` (proxy, gold, KL, ...) every ``eval_every`` updates with the
     sampling seed ``eval_seed`` (the same random numbers for every policy). ``start``:
-    the reference's evaluation under that seed, when already known. ``reference`` is
-    frozen in place (``requires_grad`` off). With several processes (``world``) each
+    the reference's evaluation under that seed, when already known (PPO's critic then
+    starts at its mean proxy reward, else at 0). ``reference`` is frozen in place
+    (``requires_grad`` off). With several processes (``world``) each
     rank samples for its share of each update's prompts (which must split evenly),
     with a generator of its own, and the update is the global batch's
     (:func:`~lmpg_utils.policy_gradient.policy_update_loop`)."""
@@ -682,6 +683,11 @@ def fine_tune(
     policy = Policy(copy.deepcopy(reference), leash.method.value_head).eval()
     policy.requires_grad_(True)  # the copy of a reference frozen by an earlier run
     reference.requires_grad_(False)
+    if policy.value is not None and start is not None:
+        # the critic starts at the reference's mean reward rather than at 0: its first
+        # losses then do not swamp the policy's gradient in the trunk they share
+        with torch.no_grad():
+            policy.value.linear.bias.fill_(start.proxy)
     evaluations = [] if start is None else [start]
 
     def evaluate_policy(model: nn.Module) -> float:
