@@ -48,7 +48,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	  { echo "Chromium is missing: sudo apt-get install -y chromium"; exit 1; }
 
-# The models the chapters reuse (chapter 1's LSTMs, the GPT, BERT, the translator), trained once
+# The models the chapters reuse (chapter 1's LSTMs, the GPT, BERTs, the translator), trained once
 # per code version with every core, one after another; the notebooks then load them.
 models: data
 	$(BIN)/python -m lmpg_utils models

@@ -71,12 +71,18 @@ def main() -> None:
         ("2 GPT", model, gpt.gpt.steps * gpt.gpt.batch_size * framed, attention)
     )
 
-    bert = ch3_bert.PROFILES["full"].pretraining
+    bert_config = ch3_bert.PROFILES["full"]
+    bert = bert_config.pretraining
     with torch.device("meta"):
         model = BertModel(bert.model_config())
     length = bert.model.max_len  # sentence pairs, padded to the longest in a batch
     attention = 12 * bert.model.num_layers * length * bert.model.d_model
-    rows.append(("3 BERT", model, bert.steps * bert.batch_size * length, attention))
+    tokens = bert.steps * bert.batch_size * length
+    rows.append(("3 BERT", model, tokens, attention))
+    ablation = bert_config.ablation
+    # every sentence task for every seed, less the chapter's own model (NSP, its seed)
+    others = len(ablation.sentence_tasks) * ablation.seeds - 1
+    rows.append((f"3 ablation x{others}", model, others * tokens, attention))
 
     pg = ch4_policy_gradient.PROFILES["full"]
     with torch.device("meta"):

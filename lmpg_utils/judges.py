@@ -273,10 +273,11 @@ def cached_judge(
             labels,
         )
         began = time.perf_counter()
-        classifier = bert.train_book_group_classifier(
+        classifier = bert.train_classifier(
             pretraining.model_config(),
             labelled,
             pretrained.model.state_dict(),
+            len(bert.BOOK_GROUPS),
             steps=config.steps,
             batch_size=config.batch_size,
             lr=config.lr,

@@ -390,10 +390,12 @@ def test_book_group_classifier_starts_from_the_given_weights():
     kwargs = dict(
         steps=1, batch_size=8, lr=1e-9, init_seed=1, batch_seed=2, device="cpu"
     )
-    pretrained = bert.train_book_group_classifier(
-        model.config, labelled, model.state_dict(), **kwargs
+    pretrained = bert.train_classifier(
+        model.config, labelled, model.state_dict(), len(bert.BOOK_GROUPS), **kwargs
     )
-    scratch = bert.train_book_group_classifier(model.config, labelled, None, **kwargs)
+    scratch = bert.train_classifier(
+        model.config, labelled, None, len(bert.BOOK_GROUPS), **kwargs
+    )
     token = "encoder.embeddings.token.weight"
     assert torch.allclose(
         pretrained.bert.state_dict()[token], model.state_dict()[token]
@@ -402,3 +404,58 @@ def test_book_group_classifier_starts_from_the_given_weights():
         scratch.bert.state_dict()[token], model.state_dict()[token]
     )
     assert pretrained.head.out_features == len(bert.BOOK_GROUPS)
+
+
+def test_pretraining_pairs_for_each_sentence_task():
+    verses = _verses()
+    successor = {
+        v.text: w.text
+        for v, w in zip(verses, verses[1:], strict=False)
+        if (v.book, v.chapter, v.index + 1) == (w.book, w.chapter, w.index)
+    }
+    nsp = bert.pretraining_pairs(verses, 300, seed=5)
+    assert nsp == bert.pretraining_pairs(verses, 300, seed=5, sentence_task="nsp")
+    none = bert.pretraining_pairs(verses, 300, seed=5, sentence_task="none")
+    assert all(p.is_next and successor[p.a] == p.b for p in none)
+    sop = bert.pretraining_pairs(verses, 300, seed=5, sentence_task="sop")
+    # always two consecutive verses: in order (is_next) or swapped
+    assert all(
+        successor[p.a] == p.b if p.is_next else successor[p.b] == p.a for p in sop
+    )
+    assert 0.35 < sum(p.is_next for p in sop) / len(sop) < 0.65
+    with pytest.raises(ValueError, match="sentence_task"):
+        bert.pretraining_pairs(verses, 300, seed=5, sentence_task="order")
+
+
+def test_pretraining_without_a_sentence_task_is_the_masked_lm_alone():
+    model = _tiny_model()
+    a = [[10 + i, 30 + i, 50 + i] for i in range(8)]
+    data = bert.encode_pairs(a, a, SPECIAL, max_len=16, labels=[True] * 8)
+    batch = bert.make_pretraining_batch(data, SPECIAL, torch.Generator().manual_seed(0))
+    total, mlm, sentence = bert.pretraining_loss(model, batch, "none")
+    assert sentence is None and torch.equal(total, mlm)
+    with_nsp, _, nsp = bert.pretraining_loss(model, batch, "nsp")
+    assert torch.allclose(with_nsp, mlm + nsp)
+    head = model.nsp_head.weight.detach().clone()
+    history = bert.pretrain(
+        model, data, SPECIAL, steps=5, batch_size=8, lr=1e-2, progress=False,
+        sentence_task="none",
+    )  # fmt: skip
+    assert history.nsp_losses == [] and len(history.mlm_losses) == 5
+    assert torch.equal(model.nsp_head.weight, head)  # the head took no step
+    assert all(p.requires_grad for p in model.parameters())  # and is trainable again
+    with pytest.raises(ValueError, match="sentence_task"):
+        bert.pretrain(model, data, SPECIAL, steps=1, batch_size=8, lr=1e-2,
+                      sentence_task="order")  # fmt: skip
+
+
+def test_sentence_order_pairs_swap_about_half_and_need_consecutive_pairs():
+    verses = _verses()
+    in_order = bert.make_nsp_pairs(verses, "random", p_next=1.0, seed=2)
+    swapped = bert.sentence_order_pairs(in_order, seed=2)
+    assert swapped == bert.sentence_order_pairs(in_order, seed=2)
+    for before, after in zip(in_order, swapped, strict=True):
+        assert after in (before, bert.SentencePair(before.b, before.a, False))
+    assert 0 < sum(not p.is_next for p in swapped) < len(swapped)
+    with pytest.raises(ValueError, match="consecutive"):
+        bert.sentence_order_pairs(bert.make_nsp_pairs(verses, seed=2), seed=2)

@@ -31,6 +31,7 @@ QUICK_KEY = {
     "batch_size": 32,
     "lr": 0.002,
     "warmup_steps": 30,
+    "sentence_task": "nsp",
 }
 FULL_KEY = {
     "vocab_size": 8000,
@@ -46,6 +47,7 @@ FULL_KEY = {
     "batch_size": 128,
     "lr": 0.001,
     "warmup_steps": 500,
+    "sentence_task": "nsp",
 }
 
 
@@ -89,6 +91,7 @@ QUICK = ch3.PROFILES["quick"]
         ({"label_counts": (2, 100)}, "label_counts"),
         ({"label_counts": [50, 100]}, "label_counts"),
         ({"pretraining": "quick"}, "pretraining"),
+        ({"ablation": "none"}, "ablation"),
     ],
 )
 def test_config_names_the_bad_field(changes, field):
@@ -103,6 +106,7 @@ def test_config_names_the_bad_field(changes, field):
         ({"pairs": 0}, "pairs"),
         ({"lr": 0.0}, "lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"sentence_task": "order"}, "sentence_task"),
         ({"batch_size": 30000}, "batch_size"),
         (
             {"model": dataclasses.replace(QUICK.pretraining.model, max_len=2)},
@@ -148,9 +152,25 @@ def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
     assert json.loads(json.dumps(summary)) == summary
     assert summary["label_counts"] == [8] and summary["nsp_eval_pairs"] == 60
 
+    # the chapter's model is the ablation's NSP run: one model per sentence task
+    tasks = tiny.ablation.sentence_tasks
     models = set(empty_model_cache.glob("ch3-bert-*.pt"))
+    assert len(models) == len(tasks)
+    ablation = summary["ablation"]
+    assert ablation["seeds"] == [0] and set(ablation["downstream"]) == {
+        *tasks,
+        "scratch",
+    }
+    assert set(ablation["sentence_heads"]) == set(tasks) - {"none"}
+    assert all(
+        0.0 <= accuracy <= 1.0
+        for by_task in ablation["downstream"].values()
+        for values in by_task.values()
+        for accuracy in values
+    )
+    assert ablation["train_pairs"] == 40 and ablation["test_pairs"] == 40
     ch3.prepare_models(tiny, seed=1, device="cpu", progress=False)
-    assert len(set(empty_model_cache.glob("ch3-bert-*.pt")) - models) == 1
+    assert len(set(empty_model_cache.glob("ch3-bert-*.pt")) - models) == len(tasks)
 
     second = ch3.run(tiny, seed=0, device="cpu", progress=False)
     assert second.pretrain_cached
@@ -161,7 +181,31 @@ def test_tiny_run_on_cpu_trains_once_then_loads_the_same_model(
         first.nsp_accuracy,
         first.finetune_pretrained,
     )
+    assert second.ablation.summary() == first.ablation.summary()
     assert ch3.run(tiny, seed=1, device="cpu", progress=False).pretrain_cached
     # fine-tuning settings do not name the pre-trained model: no retraining
     longer = configs.apply_overrides(tiny, ["finetune_steps=3"])
     assert ch3.run(longer, seed=0, device="cpu", progress=False).pretrain_cached
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"seeds": 0}, "seeds"),
+        ({"finetune_lr": 0.0}, "finetune_lr"),
+        ({"sentence_tasks": ("none", "sop")}, "sentence_tasks"),
+        ({"sentence_tasks": ("nsp", "order")}, "sentence_tasks"),
+    ],
+)
+def test_ablation_names_the_bad_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(QUICK.ablation, **changes)
+
+
+def test_ablation_pretrainings_differ_only_in_the_sentence_task():
+    for task in bert.SENTENCE_TASKS:
+        changed = ch3.ablation_pretraining(QUICK, task).cache_settings()
+        expected = dict(QUICK.pretraining.cache_settings(), sentence_task=task)
+        assert changed == expected
+    assert ch3.ablation_pretraining(QUICK, "nsp") == QUICK.pretraining
+    assert ch3.ablation_seeds(QUICK, 4) == [4, 5, 6]

@@ -86,5 +86,9 @@ TINY: dict[str, list[str]] = {
         "finetune_steps=2",
         "label_counts=8",
         "test_per_class=5",
+        "ablation.seeds=1",
+        "ablation.train_pairs=40",
+        "ablation.test_pairs=40",
+        "ablation.finetune_steps=2",
     ],
 }

@@ -5,7 +5,7 @@ The parts, from the bottom up (each name below is also importable from here):
 * :mod:`~lmpg_utils.bert.masking`: special token ids and the masked-LM corruption,
   :func:`mask_tokens` (15% of the ordinary tokens chosen; of those 80% ``[MASK]``, 10%
   a random token, 10% unchanged).
-* :mod:`~lmpg_utils.bert.data`: next-sentence-prediction pairs, their encoding
+* :mod:`~lmpg_utils.bert.data`: next-sentence and sentence-order pairs, their encoding
   ``[CLS] A [SEP] B [SEP]`` with segment ids and BERT's truncation, and batching.
 * :mod:`~lmpg_utils.bert.model`: :class:`BertModel` (the shared Transformer encoder with
   an MLM head tied to the token embeddings and an NSP head on the pooled ``[CLS]``)
@@ -24,11 +24,11 @@ from .book_groups import (
     balanced_prefix,
     book_group_of,
     classification_split,
-    train_book_group_classifier,
 )
 from .data import (
     NEGATIVE_KINDS,
     ROUND_SEED_STEP,
+    SENTENCE_TASKS,
     EncodedBatch,
     SentencePair,
     VerseLike,
@@ -37,6 +37,7 @@ from .data import (
     encode_single,
     make_nsp_pairs,
     pretraining_pairs,
+    sentence_order_pairs,
     shuffled_batches,
     tokenize_texts,
     truncate_pair,
@@ -79,6 +80,7 @@ from .training import (
     nsp_targets,
     pretrain,
     pretraining_loss,
+    train_classifier,
 )
 
 __all__ = [
@@ -93,6 +95,7 @@ __all__ = [
     "PRETRAINING",
     "RANDOM",
     "ROUND_SEED_STEP",
+    "SENTENCE_TASKS",
     "BertClassifier",
     "BertModel",
     "EncodedBatch",
@@ -126,10 +129,11 @@ __all__ = [
     "pretraining_data",
     "pretraining_loss",
     "pretraining_pairs",
+    "sentence_order_pairs",
     "shuffled_batches",
     "tokenize_texts",
     "tokenizer_hash",
     "train_bible_tokenizer",
-    "train_book_group_classifier",
+    "train_classifier",
     "truncate_pair",
 ]

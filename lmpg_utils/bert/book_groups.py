@@ -3,22 +3,16 @@
 Four groups of books (:data:`BOOK_GROUPS`); the deuterocanonical books belong to none
 and are left out. :func:`classification_split` draws a balanced, shuffled set of
 labelled verses, :func:`balanced_prefix` the first few of each class of such a set, and
-:func:`train_book_group_classifier` fine-tunes a :class:`~lmpg_utils.bert.model.BertClassifier`
-on them, from pre-trained weights or from scratch.
+:func:`~lmpg_utils.bert.training.train_classifier` with ``len(BOOK_GROUPS)`` classes
+fine-tunes a classifier on them, from pre-trained weights or from scratch.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
-from torch import Tensor
-
-from ..transformer import TransformerConfig
-from .data import EncodedBatch, VerseLike
-from .model import BertClassifier, BertModel
-from .training import fine_tune
+from .data import VerseLike
 
 #: the classes of the task, in label order (the deuterocanonical books are in none)
 BOOK_GROUPS: dict[str, tuple[str, ...]] = {
@@ -137,41 +131,3 @@ def balanced_prefix(labels: Sequence[int], per_class: int) -> list[int]:
             seen[label] = seen.get(label, 0) + 1
             chosen.append(i)
     return chosen
-
-
-def train_book_group_classifier(
-    model_config: TransformerConfig,
-    labelled: EncodedBatch,
-    pretrained_state: Mapping[str, Tensor] | None,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    init_seed: int,
-    batch_seed: int,
-    device: torch.device | str,
-    progress: bool = False,
-) -> BertClassifier:
-    """A book-group classifier fine-tuned on ``labelled`` (:func:`~lmpg_utils.bert.training.fine_tune`).
-
-    Its encoder starts from ``pretrained_state`` (a :class:`BertModel` state dict), or
-    from scratch when that is ``None``. The weights are drawn on the CPU after seeding
-    with ``init_seed`` (so every device starts from the same ones), then moved to
-    ``device``; ``batch_seed`` orders the fine-tuning batches. ``progress`` shows a
-    progress bar.
-    """
-    torch.manual_seed(init_seed)
-    encoder = BertModel(model_config)
-    if pretrained_state is not None:
-        encoder.load_state_dict(pretrained_state)
-    classifier = BertClassifier(encoder, len(BOOK_GROUPS)).to(device)
-    fine_tune(
-        classifier,
-        labelled,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=batch_seed,
-        progress=progress,
-    )
-    return classifier

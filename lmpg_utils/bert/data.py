@@ -28,6 +28,10 @@ from .masking import SpecialIds, check_known_ids
 
 NEGATIVE_KINDS: tuple[str, ...] = ("random", "other_book", "same_chapter")
 
+#: the sentence-level task of pre-training next to the masked LM: BERT's next-sentence
+#: prediction, ALBERT's sentence-order prediction, or none (the masked LM alone)
+SENTENCE_TASKS: tuple[str, ...] = ("nsp", "sop", "none")
+
 #: how much the seed of :func:`pretraining_pairs` grows from one round to the next
 ROUND_SEED_STEP = 1000
 
@@ -132,24 +136,51 @@ def make_nsp_pairs(
 
 
 def pretraining_pairs(
-    verses: Sequence[VerseLike], count: int, seed: int
+    verses: Sequence[VerseLike], count: int, seed: int, sentence_task: str = "nsp"
 ) -> list[SentencePair]:
-    """``count`` NSP pairs with BERT's random negatives, in rounds.
+    """``count`` pre-training pairs of consecutive verses for ``sentence_task``, in rounds.
 
     Each round uses every verse that has a successor in its chapter once as sentence A
-    (:func:`make_nsp_pairs`, seed ``seed + round * ROUND_SEED_STEP``); later rounds
-    draw fresh negatives, until ``count`` pairs exist.
+    (:func:`make_nsp_pairs`, seed ``seed + round * ROUND_SEED_STEP``) until ``count``
+    pairs exist. ``is_next`` is the label of the sentence task:
+
+    * ``"nsp"``: B follows A, or is BERT's random verse from another chapter (NotNext);
+      later rounds draw fresh negatives;
+    * ``"sop"``: ALBERT's sentence-order prediction: always two consecutive verses,
+      in order (``is_next``) or swapped (A and B exchanged, ``is_next`` false), with
+      probability 1/2 each (drawn with ``seed``);
+    * ``"none"``: two consecutive verses in order, all labelled ``is_next``; the masked
+      LM trains on them alone (contiguous text, as in RoBERTa without NSP).
     """
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
+    if sentence_task not in SENTENCE_TASKS:
+        raise ValueError(
+            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
+            f"{', '.join(SENTENCE_TASKS)}"
+        )
+    p_next = 0.5 if sentence_task == "nsp" else 1.0
     pairs: list[SentencePair] = []
     round_seed = seed
     while len(pairs) < count:
         pairs += make_nsp_pairs(
-            verses, "random", seed=round_seed, limit=count - len(pairs)
+            verses, "random", p_next=p_next, seed=round_seed, limit=count - len(pairs)
         )
         round_seed += ROUND_SEED_STEP
-    return pairs
+    return sentence_order_pairs(pairs, seed) if sentence_task == "sop" else pairs
+
+
+def sentence_order_pairs(
+    pairs: Sequence[SentencePair], seed: int
+) -> list[SentencePair]:
+    """ALBERT's sentence-order prediction from pairs of consecutive sentences: each
+    pair kept in order (``is_next``) or swapped (A and B exchanged, ``is_next``
+    false), with probability 1/2 each, drawn with ``seed``. Every pair must be in
+    order (``is_next``)."""
+    if not all(p.is_next for p in pairs):
+        raise ValueError("sentence-order pairs are made from consecutive pairs only")
+    order = random.Random(seed)
+    return [p if order.random() < 0.5 else SentencePair(p.b, p.a, False) for p in pairs]
 
 
 def tokenize_texts(tokenizer: BPETokenizer, texts: Sequence[str]) -> list[list[int]]:

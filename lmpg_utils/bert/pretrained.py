@@ -22,7 +22,7 @@ from ..distributed import SINGLE, World
 from ..tokenization import BPETokenizer
 from ..training import save_checkpoint
 from ..transformer import ModelSizes, TransformerConfig
-from .data import EncodedBatch, encode_nsp, pretraining_pairs
+from .data import SENTENCE_TASKS, EncodedBatch, encode_nsp, pretraining_pairs
 from .masking import SpecialIds
 from .model import BertModel
 from .training import PretrainHistory, pretrain
@@ -33,9 +33,12 @@ CACHE_KIND = "ch3-bert"
 
 @dataclass(frozen=True)
 class Pretraining:
-    """The tokenizer size, encoder sizes, data and budget of BERT's pre-training (MLM +
-    NSP); the defaults are the ``quick`` profile. Step budgets (not wall clock) keep
-    results reproducible."""
+    """The tokenizer size, encoder sizes, objectives, data and budget of BERT's
+    pre-training; the defaults are the ``quick`` profile with BERT's objectives (masked
+    LM + next-sentence prediction). ``sentence_task`` replaces NSP by ALBERT's
+    sentence-order prediction (``"sop"``) or drops it (``"none"``; see
+    :func:`~lmpg_utils.bert.data.pretraining_pairs`). Step budgets (not wall clock)
+    keep results reproducible."""
 
     vocab_size: int = 4000  # BPE tokens, BERT's specials included
     # The encoder; BERT adds two segments (sentence A and B) to it. Fixed sinusoidal
@@ -57,6 +60,7 @@ class Pretraining:
     batch_size: int = 32  # pairs per step
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 30
+    sentence_task: str = "nsp"  # next to the masked LM: "nsp", "sop" or "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "pairs", "steps", "batch_size", "lr"):
@@ -64,6 +68,11 @@ class Pretraining:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.sentence_task not in SENTENCE_TASKS:
+            raise ValueError(
+                f"unknown sentence_task {self.sentence_task!r}; valid tasks are: "
+                f"{', '.join(SENTENCE_TASKS)}"
+            )
         if self.batch_size > self.pairs:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must not exceed pairs ({self.pairs})"
@@ -104,6 +113,7 @@ class Pretraining:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "warmup_steps": self.warmup_steps,
+            "sentence_task": self.sentence_task,
         }
 
 
@@ -150,10 +160,14 @@ def train_bible_tokenizer(vocab_size: int) -> BPETokenizer:
 def pretraining_data(
     pretraining: Pretraining, tokenizer: BPETokenizer, special: SpecialIds, seed: int
 ) -> EncodedBatch:
-    """The encoded NSP pairs (labels ``is_next``) that BERT is pre-trained on: drawn
-    from the train-split verses with ``seed`` (:func:`~lmpg_utils.bert.data.pretraining_pairs`)."""
+    """The encoded pairs that BERT is pre-trained on, labelled for its sentence task
+    (``is_next``; for SOP, in order): drawn from the train-split verses with ``seed``
+    (:func:`~lmpg_utils.bert.data.pretraining_pairs`)."""
     pairs = pretraining_pairs(
-        corpora.load_bible_verses("train"), pretraining.pairs, seed
+        corpora.load_bible_verses("train"),
+        pretraining.pairs,
+        seed,
+        pretraining.sentence_task,
     )
     return encode_nsp(tokenizer, pairs, special, pretraining.model.max_len)
 
@@ -236,6 +250,7 @@ def load_pretrained(
             seed=seed,
             progress=progress,
             world=world,
+            sentence_task=pretraining.sentence_task,
         )
         seconds = time.perf_counter() - began
         record = dict(history.to_dict(), pretrain_seconds=seconds)

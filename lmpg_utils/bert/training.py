@@ -7,7 +7,7 @@ hand them to :func:`lmpg_utils.training.train`; pre-training masks every batch a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .. import distributed
 from ..distributed import SINGLE, World
 from ..training import TrainHistory, train
-from .data import EncodedBatch, shuffled_batches
+from ..transformer import TransformerConfig
+from .data import SENTENCE_TASKS, EncodedBatch, shuffled_batches
 from .masking import IGNORE_INDEX, SpecialIds, mask_tokens
 from .model import BertClassifier, BertModel
 
@@ -65,9 +66,17 @@ def make_pretraining_batch(
 
 
 def pretraining_loss(
-    model: BertModel, batch: PretrainingBatch
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(MLM + NSP, MLM, NSP)``: MLM is the mean cross-entropy over chosen positions only."""
+    model: BertModel, batch: PretrainingBatch, sentence_task: str = "nsp"
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(total, MLM, sentence)``: MLM is the mean cross-entropy over chosen positions
+    only; the sentence loss is the cross-entropy of the two-class head on ``[CLS]``
+    (NSP's IsNext/NotNext, or SOP's in order/swapped, with the same head), ``None``
+    when ``sentence_task`` is ``"none"`` and the total is the MLM loss alone."""
+    if sentence_task not in SENTENCE_TASKS:
+        raise ValueError(
+            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
+            f"{', '.join(SENTENCE_TASKS)}"
+        )
     hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
     chosen = batch.mlm_labels != IGNORE_INDEX
     if not bool(chosen.any()):
@@ -76,14 +85,17 @@ def pretraining_loss(
         mlm = F.cross_entropy(
             model.mlm_logits(hidden[chosen]), batch.mlm_labels[chosen]
         )
-    nsp = F.cross_entropy(model.nsp_logits(hidden), batch.nsp_labels)
-    return mlm + nsp, mlm, nsp
+    if sentence_task == "none":
+        return mlm, mlm, None
+    sentence = F.cross_entropy(model.nsp_logits(hidden), batch.nsp_labels)
+    return mlm + sentence, mlm, sentence
 
 
 @dataclass
 class PretrainHistory(TrainHistory):
-    """:class:`~lmpg_utils.training.TrainHistory` (``losses`` is MLM + NSP) plus the loss
-    of each objective at every step."""
+    """:class:`~lmpg_utils.training.TrainHistory` (``losses`` is the total) plus the
+    loss of each objective at every step (``nsp_losses`` holds the sentence task's:
+    NSP or SOP, empty without one)."""
 
     mlm_losses: list[float] = field(default_factory=list)
     nsp_losses: list[float] = field(default_factory=list)
@@ -100,12 +112,14 @@ def pretrain(
     seed: int = 0,
     progress: bool = True,
     world: World = SINGLE,
+    sentence_task: str = "nsp",
 ) -> PretrainHistory:
     """Pre-train on encoded NSP pairs (labels ``is_next``) with fresh (dynamic) masking
     for every batch; the batches go to the model's device.
 
-    ``history.losses`` is the total loss; the per-objective losses are in
-    ``history.mlm_losses`` and ``history.nsp_losses``.
+    ``sentence_task`` is the loss next to the masked LM (:func:`pretraining_loss`); the
+    pairs' labels must be that task's. ``history.losses`` is the total loss; the
+    per-objective losses are in ``history.mlm_losses`` and ``history.nsp_losses``.
 
     With several processes (``world``) every rank draws and masks the same global
     batches and trains on its rows of each (:func:`lmpg_utils.training.train`, whose
@@ -116,6 +130,11 @@ def pretrain(
     distributed.check_divisible(batch_size, world, "pretraining batch_size")
     if data.labels is None:
         raise ValueError("the pre-training pairs need labels (is_next)")
+    if sentence_task not in SENTENCE_TASKS:
+        raise ValueError(
+            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
+            f"{', '.join(SENTENCE_TASKS)}"
+        )
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     mlm_losses: list[float] = []
@@ -126,22 +145,32 @@ def pretrain(
             yield make_pretraining_batch(part, special, generator).to(device)
 
     def loss_fn(m: nn.Module, batch: PretrainingBatch) -> tuple[Tensor, int]:
-        total, mlm, nsp = pretraining_loss(m, batch)  # type: ignore[arg-type]
+        total, mlm, sentence = pretraining_loss(m, batch, sentence_task)  # type: ignore[arg-type]
         mlm_losses.append(mlm.item())
-        nsp_losses.append(nsp.item())
+        if sentence is not None:
+            nsp_losses.append(sentence.item())
         return total, int((batch.mlm_labels != IGNORE_INDEX).sum())
 
-    history = train(
-        model,
-        batches(),
-        loss_fn,
-        max_steps=steps,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        progress=progress,
-        description="pre-train",
-        world=world,
-    )
+    # Without a sentence task the pooler and its head take no part in the loss: frozen
+    # for the run, so that data-parallel training does not wait for their gradients.
+    idle = [model.pooler, model.nsp_head] if sentence_task == "none" else []
+    for module in idle:
+        module.requires_grad_(False)
+    try:
+        history = train(
+            model,
+            batches(),
+            loss_fn,
+            max_steps=steps,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            progress=progress,
+            description="pre-train",
+            world=world,
+        )
+    finally:
+        for module in idle:
+            module.requires_grad_(True)
     return PretrainHistory(
         **history.to_dict(), mlm_losses=mlm_losses, nsp_losses=nsp_losses
     )
@@ -183,3 +212,43 @@ def fine_tune(
         progress=progress,
         description="fine-tune",
     )
+
+
+def train_classifier(
+    model_config: TransformerConfig,
+    labelled: EncodedBatch,
+    pretrained_state: Mapping[str, Tensor] | None,
+    num_classes: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    init_seed: int,
+    batch_seed: int,
+    device: torch.device | str,
+    progress: bool = False,
+) -> BertClassifier:
+    """A :class:`BertClassifier` of ``num_classes`` classes fine-tuned on ``labelled``
+    (class ids 0 to ``num_classes - 1``; :func:`fine_tune`).
+
+    Its encoder starts from ``pretrained_state`` (a :class:`BertModel` state dict), or
+    from scratch when that is ``None``. The weights are drawn on the CPU after seeding
+    with ``init_seed`` (so every device starts from the same ones), then moved to
+    ``device``; ``batch_seed`` orders the fine-tuning batches. ``progress`` shows a
+    progress bar.
+    """
+    torch.manual_seed(init_seed)
+    encoder = BertModel(model_config)
+    if pretrained_state is not None:
+        encoder.load_state_dict(pretrained_state)
+    classifier = BertClassifier(encoder, num_classes).to(device)
+    fine_tune(
+        classifier,
+        labelled,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=batch_seed,
+        progress=progress,
+    )
+    return classifier

@@ -16,7 +16,11 @@ Bible, then fine-tune it on a few labelled verses and compare with training from
 5. fine-tune on a balanced book-group classification task (law & history, poetry &
    wisdom, prophets, New Testament) with 50, 100, 200, ... labelled train verses, from
    the pre-trained weights and from scratch, and score both on test-split verses
-   (:func:`fine_tuning_sweep`).
+   (:func:`fine_tuning_sweep`);
+6. the pre-training ablation: MLM alone, MLM + NSP and MLM + SOP (ALBERT's
+   sentence-order prediction), each pre-trained for three seeds, their sentence heads
+   scored on NSP and SOP pairs, and each fine-tuned on a sentence-pair task and on the
+   book-group task (:func:`pretraining_ablation`).
 
 The task itself (data, model, loops, book groups, cached pre-training) lives in
 :mod:`lmpg_utils.bert`; this module holds the settings and the order of the steps.
@@ -25,7 +29,7 @@ The task itself (data, model, loops, book groups, cached pre-training) lives in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,7 +53,50 @@ SEED_OFFSETS: dict[str, int] = {
     "label_pool": 6,  # the labelled train verses
     "classifier_init": 7,  # each classifier's initial weights
     "finetune_batches": 8,  # the order of the fine-tuning batches
+    "ablation_pairs": 9,  # the ablation's labelled and test pairs, and their masks
 }
+
+#: the ablation's downstream tasks: a sentence pair (is B the verse after A, or a verse
+#: of another book?) and a single verse (its book group, the chapter's task)
+DOWNSTREAM_TASKS: tuple[str, ...] = ("next_or_other_book", "book_group")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """The pre-training ablation (:func:`pretraining_ablation`): the chapter's BERT
+    pre-trained with each sentence task next to the masked LM (the same encoder, data
+    budget and steps), for ``seeds`` consecutive seeds, then fine-tuned on the tasks of
+    :data:`DOWNSTREAM_TASKS`: the pair task with ``train_pairs`` labelled pairs and the
+    ``finetune_*`` settings here, scored on at most ``test_pairs`` pairs of the test
+    chapters; the book-group task as in the chapter's sweep, at its largest label
+    count."""
+
+    sentence_tasks: tuple[str, ...] = ("none", "nsp", "sop")
+    seeds: int = 3
+    train_pairs: int = 2000
+    test_pairs: int = 2000
+    finetune_steps: int = 150
+    finetune_batch_size: int = 32
+    finetune_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in (
+            "seeds",
+            "train_pairs",
+            "test_pairs",
+            "finetune_steps",
+            "finetune_batch_size",
+            "finetune_lr",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        unknown = [t for t in self.sentence_tasks if t not in bert.SENTENCE_TASKS]
+        if not self.sentence_tasks or unknown or "nsp" not in self.sentence_tasks:
+            raise ValueError(
+                f"sentence_tasks must include 'nsp' (the chapter's model) and name only "
+                f"{', '.join(bert.SENTENCE_TASKS)}; got {self.sentence_tasks!r}"
+            )
+
 
 _POSITIVE = (
     "eval_pairs",
@@ -75,9 +122,12 @@ class Config:
     finetune_batch_size: int = 16
     finetune_lr: float = 1e-3
     test_per_class: int = 150  # test verses of each book group
+    ablation: Ablation = Ablation()
 
     def __post_init__(self) -> None:
         configs.check_profile(self.profile)
+        if not isinstance(self.ablation, Ablation):
+            raise ValueError(f"ablation must be Ablation, got {type(self.ablation)}")
         if not isinstance(self.pretraining, bert.Pretraining):
             raise ValueError(
                 f"pretraining must be bert.Pretraining, got {type(self.pretraining)}"
@@ -108,6 +158,12 @@ PROFILES: dict[str, Config] = {
         finetune_batch_size=32,
         finetune_lr=1e-4,
         test_per_class=150,
+        ablation=Ablation(
+            train_pairs=8000,
+            test_pairs=3000,
+            finetune_steps=500,
+            finetune_lr=1e-4,
+        ),
     ),
 }
 
@@ -144,6 +200,7 @@ class Result:
     tokenizer: BPETokenizer | None = field(repr=False, default=None)
     special: bert.SpecialIds | None = field(repr=False, default=None)
     world_size: int = 1
+    ablation: AblationResult | None = None
 
     def summary(self) -> dict[str, Any]:
         """The JSON line of ``python -m lmpg_utils run bert``."""
@@ -173,6 +230,7 @@ class Result:
             "finetune_accuracy_pretrained": round(self.finetune_pretrained[-1], 4),
             "finetune_accuracy_scratch": round(self.finetune_scratch[-1], 4),
             "pretrain_seconds": round(self.pretrain_seconds, 1),
+            "ablation": None if self.ablation is None else self.ablation.summary(),
         }
 
 
@@ -347,10 +405,11 @@ def fine_tuning_sweep(
             (pretrained_state, scores.pretrained),
             (None, scores.scratch),
         ):
-            classifier = bert.train_book_group_classifier(
+            classifier = bert.train_classifier(
                 config.pretraining.model_config(),
                 labelled,
                 state,
+                groups,
                 steps=config.finetune_steps,
                 batch_size=config.finetune_batch_size,
                 lr=config.finetune_lr,
@@ -362,6 +421,218 @@ def fine_tuning_sweep(
     return scores
 
 
+def ablation_pretraining(config: Config, sentence_task: str) -> bert.Pretraining:
+    """The chapter's pre-training with ``sentence_task`` next to the masked LM."""
+    return replace(config.pretraining, sentence_task=sentence_task)
+
+
+def ablation_seeds(config: Config, seed: int) -> list[int]:
+    """The run seeds of the ablation: ``seed`` and the ones after it."""
+    return [seed + i for i in range(config.ablation.seeds)]
+
+
+@dataclass
+class AblationResult:
+    """What :func:`pretraining_ablation` measured, one value per seed in every list.
+
+    ``downstream[variant][task]`` is the test accuracy of a classifier fine-tuned from
+    each pre-training (and from ``"scratch"``, a random encoder) on a task of
+    :data:`DOWNSTREAM_TASKS`. ``sentence_heads[variant]`` holds the accuracy of the
+    pre-trained sentence head itself, with no fine-tuning, on NSP pairs (random
+    negatives) and on SOP pairs (swapped order) of the test chapters; ``mlm_masked``
+    the masked LM's accuracy at the positions showing ``[MASK]`` of the NSP pairs."""
+
+    sentence_tasks: list[str]
+    seeds: list[int]
+    downstream: dict[str, dict[str, list[float]]]
+    sentence_heads: dict[str, dict[str, list[float]]]
+    mlm_masked: dict[str, list[float]]
+    train_pairs: int
+    test_pairs: int
+    book_group_labels: int
+    book_group_test: int
+    pretrain_seconds: dict[str, list[float]]
+
+    def summary(self) -> dict[str, Any]:
+        """The ablation's numbers, rounded, for the JSON summary."""
+
+        def rounded(values: list[float]) -> list[float]:
+            return [round(v, 4) for v in values]
+
+        return {
+            "seeds": self.seeds,
+            "downstream": {
+                variant: {task: rounded(v) for task, v in tasks.items()}
+                for variant, tasks in self.downstream.items()
+            },
+            "sentence_heads": {
+                variant: {task: rounded(v) for task, v in tasks.items()}
+                for variant, tasks in self.sentence_heads.items()
+            },
+            "mlm_masked": {k: rounded(v) for k, v in self.mlm_masked.items()},
+            "train_pairs": self.train_pairs,
+            "test_pairs": self.test_pairs,
+            "book_group_labels": self.book_group_labels,
+            "book_group_test": self.book_group_test,
+        }
+
+
+def _as_classes(pairs: bert.EncodedBatch) -> bert.EncodedBatch:
+    """Encoded pairs whose ``is_next`` labels became class ids: IsNext 0, NotNext 1."""
+    return replace(pairs, labels=bert.nsp_targets(pairs.labels))
+
+
+def pretraining_ablation(
+    config: Config,
+    data: ChapterData,
+    *,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+    world: World = SINGLE,
+) -> AblationResult:
+    """Step 6: MLM alone, MLM + NSP and MLM + SOP (:attr:`Config.ablation`), each
+    pre-trained for :func:`ablation_seeds` (cached, like the chapter's model, which is
+    the NSP run of ``seed``), then:
+
+    * its sentence head scored on NSP and SOP pairs of the test chapters (labels in
+      the head's own convention: IsNext or in order is class 0), and its masked LM at
+      the ``[MASK]`` positions of the NSP pairs;
+    * fine-tuned, like a random encoder, on the tasks of :data:`DOWNSTREAM_TASKS`:
+      the pair task on labelled pairs of the training chapters, scored on pairs of the
+      test chapters; the book-group task as in :func:`fine_tuning_sweep` with its
+      largest label count. Each seed draws the data, the initial head and the batches,
+      the same for every pre-training."""
+    ablation = config.ablation
+    max_len = config.pretraining.model.max_len
+    tokenizer, special = data.tokenizer, data.special
+    seeds = ablation_seeds(config, seed)
+    variants = [*ablation.sentence_tasks, "scratch"]
+    groups = len(bert.BOOK_GROUPS)
+    result = AblationResult(
+        sentence_tasks=list(ablation.sentence_tasks),
+        seeds=seeds,
+        downstream={v: {task: [] for task in DOWNSTREAM_TASKS} for v in variants},
+        sentence_heads={
+            t: {"nsp": [], "sop": []} for t in ablation.sentence_tasks if t != "none"
+        },
+        mlm_masked={t: [] for t in ablation.sentence_tasks},
+        train_pairs=0,
+        test_pairs=0,
+        book_group_labels=0,
+        book_group_test=0,
+        pretrain_seconds={t: [] for t in ablation.sentence_tasks},
+    )
+    for run_seed in seeds:
+        draw = run_seed + SEED_OFFSETS["ablation_pairs"]
+        heads_test = {
+            "nsp": bert.make_nsp_pairs(
+                data.test, "random", seed=draw, limit=ablation.test_pairs
+            ),
+            "sop": bert.sentence_order_pairs(
+                bert.make_nsp_pairs(
+                    data.test,
+                    "random",
+                    p_next=1.0,
+                    seed=draw,
+                    limit=ablation.test_pairs,
+                ),
+                draw,
+            ),
+        }
+        heads_test = {
+            head: bert.encode_nsp(tokenizer, pairs, special, max_len)
+            for head, pairs in heads_test.items()
+        }
+        pair_train, pair_test = (
+            _as_classes(
+                bert.encode_nsp(
+                    tokenizer,
+                    bert.make_nsp_pairs(verses, "other_book", seed=draw, limit=limit),
+                    special,
+                    max_len,
+                )
+            )
+            for verses, limit in (
+                (data.train, ablation.train_pairs),
+                (data.test, ablation.test_pairs),
+            )
+        )
+        texts, labels = bert.classification_split(
+            data.train,
+            max(config.label_counts) // groups,
+            run_seed + SEED_OFFSETS["label_pool"],
+        )
+        groups_train = bert.encode_single(
+            bert.tokenize_texts(tokenizer, texts), special, max_len, labels
+        )
+        groups_test = book_group_test_set(config, data, run_seed)
+        result.train_pairs, result.test_pairs = len(pair_train), len(pair_test)
+        result.book_group_labels = len(groups_train)
+        result.book_group_test = len(groups_test)
+        states: dict[str, dict[str, torch.Tensor] | None] = {"scratch": None}
+        for sentence_task in ablation.sentence_tasks:
+            pretrained = bert.load_pretrained(
+                ablation_pretraining(config, sentence_task),
+                seed=run_seed + SEED_OFFSETS["pretraining"],
+                device=device,
+                progress=progress,
+                world=world,
+            )
+            result.pretrain_seconds[sentence_task].append(pretrained.seconds)
+            for head, pairs in heads_test.items():
+                scores = bert.evaluate_pretraining(
+                    pretrained.model, pairs, special, seed=draw
+                )
+                if sentence_task != "none":
+                    result.sentence_heads[sentence_task][head].append(
+                        float(scores["nsp_accuracy"])
+                    )
+                if head == "nsp":
+                    result.mlm_masked[sentence_task].append(
+                        float(scores["mlm_accuracy_masked"])
+                    )
+            states[sentence_task] = {
+                k: v.detach().clone() for k, v in pretrained.model.state_dict().items()
+            }
+        settings = {
+            "next_or_other_book": (
+                pair_train,
+                pair_test,
+                2,
+                ablation.finetune_steps,
+                ablation.finetune_batch_size,
+                ablation.finetune_lr,
+            ),
+            "book_group": (
+                groups_train,
+                groups_test,
+                groups,
+                config.finetune_steps,
+                config.finetune_batch_size,
+                config.finetune_lr,
+            ),
+        }
+        for variant, state in states.items():
+            for task, (train, test, classes, steps, batch, lr) in settings.items():
+                classifier = bert.train_classifier(
+                    config.pretraining.model_config(),
+                    train,
+                    state,
+                    classes,
+                    steps=steps,
+                    batch_size=batch,
+                    lr=lr,
+                    init_seed=run_seed + SEED_OFFSETS["classifier_init"],
+                    batch_seed=run_seed + SEED_OFFSETS["finetune_batches"],
+                    device=device,
+                )
+                result.downstream[variant][task].append(
+                    bert.classifier_accuracy(classifier, test)
+                )
+    return result
+
+
 def prepare_models(
     config: Config,
     *,
@@ -370,15 +641,18 @@ def prepare_models(
     progress: bool = True,
     world: World = SINGLE,
 ) -> None:
-    """Pre-train and cache the BERT that :func:`run` (and the notebook) then loads
+    """Pre-train and cache the BERTs that :func:`run` (and the notebook) then loads:
+    the chapter's, and the ablation's for each of its sentence tasks and seeds
     (data-parallel over the processes of ``world``)."""
-    bert.load_pretrained(
-        config.pretraining,
-        seed=seed + SEED_OFFSETS["pretraining"],
-        device=device,
-        progress=progress,
-        world=world,
-    )
+    for run_seed in ablation_seeds(config, seed):
+        for sentence_task in config.ablation.sentence_tasks:
+            bert.load_pretrained(
+                ablation_pretraining(config, sentence_task),
+                seed=run_seed + SEED_OFFSETS["pretraining"],
+                device=device,
+                progress=progress,
+                world=world,
+            )
 
 
 def run(
@@ -406,6 +680,9 @@ def run(
     objectives = evaluate_objectives(config, data, pretrained.model, seed)
     negatives, test_pairs = evaluate_nsp_negatives(config, data, pretrained.model, seed)
     sweep = fine_tuning_sweep(config, data, pretrained.model, seed, device)
+    ablation = pretraining_ablation(
+        config, data, seed=seed, device=device, progress=progress, world=world
+    )
     return Result(
         config=config,
         seed=seed,
@@ -431,6 +708,7 @@ def run(
         pretrain_seconds=pretrained.seconds,
         seconds=time.perf_counter() - began,
         world_size=world.size,
+        ablation=ablation,
         history=pretrained.history,
         model=pretrained.model,
         tokenizer=data.tokenizer,
