@@ -32,6 +32,16 @@ NEGATIVE_KINDS: tuple[str, ...] = ("random", "other_book", "same_chapter")
 #: prediction, ALBERT's sentence-order prediction, or none (the masked LM alone)
 SENTENCE_TASKS: tuple[str, ...] = ("nsp", "sop", "none")
 
+
+def check_sentence_task(sentence_task: str) -> None:
+    """Raise ``ValueError`` naming ``sentence_task`` unless it is in :data:`SENTENCE_TASKS`."""
+    if sentence_task not in SENTENCE_TASKS:
+        raise ValueError(
+            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
+            f"{', '.join(SENTENCE_TASKS)}"
+        )
+
+
 #: how much the seed of :func:`pretraining_pairs` grows from one round to the next
 ROUND_SEED_STEP = 1000
 
@@ -154,11 +164,7 @@ def pretraining_pairs(
     """
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    if sentence_task not in SENTENCE_TASKS:
-        raise ValueError(
-            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
-            f"{', '.join(SENTENCE_TASKS)}"
-        )
+    check_sentence_task(sentence_task)
     p_next = 0.5 if sentence_task == "nsp" else 1.0
     pairs: list[SentencePair] = []
     round_seed = seed

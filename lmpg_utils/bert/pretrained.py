@@ -22,7 +22,7 @@ from ..distributed import SINGLE, World
 from ..tokenization import BPETokenizer
 from ..training import save_checkpoint
 from ..transformer import ModelSizes, TransformerConfig
-from .data import SENTENCE_TASKS, EncodedBatch, encode_nsp, pretraining_pairs
+from .data import EncodedBatch, check_sentence_task, encode_nsp, pretraining_pairs
 from .masking import SpecialIds
 from .model import BertModel
 from .training import PretrainHistory, pretrain
@@ -68,11 +68,7 @@ class Pretraining:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.sentence_task not in SENTENCE_TASKS:
-            raise ValueError(
-                f"unknown sentence_task {self.sentence_task!r}; valid tasks are: "
-                f"{', '.join(SENTENCE_TASKS)}"
-            )
+        check_sentence_task(self.sentence_task)
         if self.batch_size > self.pairs:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must not exceed pairs ({self.pairs})"

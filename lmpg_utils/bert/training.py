@@ -18,7 +18,7 @@ from .. import distributed
 from ..distributed import SINGLE, World
 from ..training import TrainHistory, train
 from ..transformer import TransformerConfig
-from .data import SENTENCE_TASKS, EncodedBatch, shuffled_batches
+from .data import EncodedBatch, check_sentence_task, shuffled_batches
 from .masking import IGNORE_INDEX, SpecialIds, mask_tokens
 from .model import BertClassifier, BertModel
 
@@ -72,11 +72,7 @@ def pretraining_loss(
     only; the sentence loss is the cross-entropy of the two-class head on ``[CLS]``
     (NSP's IsNext/NotNext, or SOP's in order/swapped, with the same head), ``None``
     when ``sentence_task`` is ``"none"`` and the total is the MLM loss alone."""
-    if sentence_task not in SENTENCE_TASKS:
-        raise ValueError(
-            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
-            f"{', '.join(SENTENCE_TASKS)}"
-        )
+    check_sentence_task(sentence_task)
     hidden = model.encode(batch.ids, batch.segment_ids, batch.padding_mask)
     chosen = batch.mlm_labels != IGNORE_INDEX
     if not bool(chosen.any()):
@@ -130,11 +126,7 @@ def pretrain(
     distributed.check_divisible(batch_size, world, "pretraining batch_size")
     if data.labels is None:
         raise ValueError("the pre-training pairs need labels (is_next)")
-    if sentence_task not in SENTENCE_TASKS:
-        raise ValueError(
-            f"unknown sentence_task {sentence_task!r}; valid tasks are: "
-            f"{', '.join(SENTENCE_TASKS)}"
-        )
+    check_sentence_task(sentence_task)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     mlm_losses: list[float] = []
